@@ -1,0 +1,118 @@
+"""Strict parsing of a bit config read from a file: every field is checked before use."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+MAX_BITS = 16
+MAX_LAYERS = 100_000
+MAX_DIMS = 8
+MAX_NUMEL = 2**48
+
+_METRICS = ("sse", "mse", "norm", "max_abs")
+
+
+def _fail(msg: str) -> None:
+    raise ValueError(f"invalid bit config: {msg}")
+
+
+def _int(value: Any, what: str, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        _fail(f"{what} must be an int in {lo}..{hi}, got {value!r}")
+    return value
+
+
+def _bool(value: Any, what: str) -> bool:
+    if not isinstance(value, bool):
+        _fail(f"{what} must be true or false, got {value!r}")
+    return value
+
+
+def _number(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        _fail(f"{what} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def parse_bitconfig(cls: type, data: Mapping[str, Any]) -> Any:
+    """Validate ``data`` (as written by ``BitConfig.to_dict``) and build ``cls`` from it."""
+    from .bitconfig import FORMAT, VERSION  # the format constants live with the class
+
+    if not isinstance(data, Mapping):
+        _fail(f"top level must be a JSON object, got {type(data).__name__}")
+    if data.get("format") != FORMAT:
+        _fail(f"'format' must be {FORMAT!r}, got {data.get('format')!r}")
+    version = data.get("version")
+    if version != VERSION:
+        _fail(f"unsupported version {version!r} (this mixquant reads version {VERSION})")
+    per_channel = _bool(data.get("per_channel"), "per_channel")
+    symmetric = _bool(data.get("symmetric"), "symmetric")
+    clip = data.get("clip")
+    if clip not in ("minmax", "mse"):
+        _fail(f"clip must be 'minmax' or 'mse', got {clip!r}")
+    p = _number(data.get("p"), "p")
+    if p <= 0:
+        _fail(f"p must be positive, got {p}")
+    candidates = data.get("candidates")
+    if not isinstance(candidates, list) or not candidates or len(candidates) > MAX_BITS:
+        _fail("candidates must be a non-empty list of bit-widths")
+    candidates = [_int(b, "candidate bit-width", 1, MAX_BITS) for b in candidates]
+    rule = data.get("rule")
+    if not isinstance(rule, dict) or not isinstance(rule.get("name"), str):
+        _fail("rule must be an object with a 'name'")
+    for key, value in rule.items():
+        if not isinstance(key, str) or not (value is None or isinstance(value, (str, int, float, bool))):
+            _fail(f"rule entry {key!r} must be a plain value")
+    layers = data.get("layers")
+    if not isinstance(layers, list) or not layers or len(layers) > MAX_LAYERS:
+        _fail("layers must be a non-empty list")
+    bits, shapes, groups, errors = {}, {}, {}, {}
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, dict):
+            _fail(f"layer #{i} must be an object")
+        name = layer.get("name")
+        if not isinstance(name, str) or len(name) > 1000:
+            _fail(f"layer #{i} needs a string 'name'")
+        if name in bits:
+            _fail(f"layer {name!r} appears twice")
+        bits[name] = _int(layer.get("bits"), f"bits of layer {name!r}", 1, MAX_BITS)
+        shape = layer.get("shape")
+        if not isinstance(shape, list) or not 2 <= len(shape) <= MAX_DIMS:
+            _fail(f"shape of layer {name!r} must be a list of 2..{MAX_DIMS} ints")
+        shapes[name] = tuple(_int(s, f"shape of layer {name!r}", 1, MAX_NUMEL) for s in shape)
+        if math.prod(shapes[name]) > MAX_NUMEL:
+            _fail(f"layer {name!r} is impossibly large")
+        groups[name] = _int(layer.get("groups"), f"groups of layer {name!r}", 1, max(shapes[name]))
+        if not per_channel and groups[name] != 1:
+            _fail(f"layer {name!r} has {groups[name]} groups in a per-tensor config")
+        if "errors" in layer:
+            errors[name] = _parse_errors(layer["errors"], name)
+    for key in ("avg_bits", "size_bytes"):
+        if key in data:
+            _number(data[key], key)
+    config = cls(bits=bits, shapes=shapes, groups=groups, per_channel=per_channel, symmetric=symmetric,
+                 clip=clip, p=p, candidates=candidates, rule=dict(rule), errors=errors)
+    # The stored summary must agree with the layers; a mismatch means the file was edited.
+    if "size_bytes" in data and data["size_bytes"] != config.size_bytes:
+        _fail(f"size_bytes {data['size_bytes']} does not match the layers ({config.size_bytes})")
+    if "avg_bits" in data and abs(data["avg_bits"] - config.avg_bits) > 1e-9 * max(1.0, config.avg_bits):
+        _fail(f"avg_bits {data['avg_bits']} does not match the layers ({config.avg_bits})")
+    return config
+
+
+def _parse_errors(table: Any, name: str) -> dict:
+    if not isinstance(table, dict) or set(table) != {"bits", *_METRICS}:
+        _fail(f"errors of layer {name!r} must hold 'bits' and {_METRICS}")
+    table_bits = table["bits"]
+    if not isinstance(table_bits, list) or not table_bits or len(table_bits) > MAX_BITS:
+        _fail(f"errors of layer {name!r}: 'bits' must be a non-empty list")
+    out = {"bits": [_int(b, f"error table bits of {name!r}", 1, MAX_BITS) for b in table_bits]}
+    for metric in _METRICS:
+        values = table[metric]
+        if not isinstance(values, list) or len(values) != len(table_bits):
+            _fail(f"errors of layer {name!r}: {metric!r} must have {len(table_bits)} values")
+        out[metric] = [_number(v, f"{metric} of layer {name!r}") for v in values]
+        if any(v < 0 for v in out[metric]):
+            _fail(f"errors of layer {name!r}: {metric!r} must be non-negative")
+    return out

@@ -1,0 +1,64 @@
+"""Loading a user's model for the CLI, safely by default."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pickle
+import zipfile
+
+import torch
+import torch.nn as nn
+
+MODEL_HELP = (
+    "MODEL is 'package.module:factory' (a callable returning an nn.Module, called with no "
+    "arguments), a TorchScript file (torch.jit.save), or a file written by torch.save of a whole "
+    "module. Files load with torch.load(weights_only=True), which cannot run code; a pickled whole "
+    "module needs --trust-file, because unpickling it can execute arbitrary code from the file."
+)
+
+
+def _is_torchscript(path: str) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        return any(name.split("/", 1)[-1].startswith("code/") for name in zf.namelist())
+
+
+def load_model(spec: str, *, trust_file: bool = False) -> nn.Module:
+    """Load the model named by ``spec`` (see :data:`MODEL_HELP`), in eval mode."""
+    if os.path.exists(spec):
+        model = _load_file(spec, trust_file)
+    elif ":" in spec:
+        module_name, _, attr = spec.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise ValueError(f"cannot find factory {spec!r}: {exc}") from None
+        model = factory()
+    else:
+        raise FileNotFoundError(f"{spec!r} is neither a file nor a 'package.module:factory' path")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{spec!r} gave a {type(model).__name__}, not a torch.nn.Module")
+    return model.eval()
+
+
+def _load_file(path: str, trust_file: bool) -> nn.Module:
+    if _is_torchscript(path):
+        return torch.jit.load(path, map_location="cpu")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if not trust_file:
+            raise ValueError(
+                f"{path!r} holds objects that the safe loader (weights_only=True) refuses "
+                f"({str(exc).splitlines()[0][:200]}). If it is a whole pickled module from a source you "
+                "trust, pass --trust-file: unpickling can execute code from the file."
+            ) from None
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise ValueError(f"{path!r} is not a readable torch file: {exc}") from None
+    if isinstance(obj, dict):
+        raise ValueError(f"{path!r} holds a state_dict, not a model: pass 'package.module:factory' "
+                         "for the architecture instead")
+    return obj

@@ -1,0 +1,89 @@
+"""``mixquant search``: find per-layer bit-widths and write them as a bit config."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Dict, List
+
+from .model_io import MODEL_HELP, load_model
+
+
+def parse_bits(text: str) -> List[int]:
+    """'2-8' -> [2..8]; '2,4,8' -> [2, 4, 8]."""
+    try:
+        if "-" in text:
+            lo, hi = (int(t) for t in text.split("-", 1))
+            values = list(range(lo, hi + 1))
+        else:
+            values = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bits must look like '2-8' or '2,3,4,8', got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"bits {text!r} names no bit-width")
+    return values
+
+
+def parse_keep(items: List[str]) -> Dict[str, int]:
+    keep = {}
+    for item in items or []:
+        name, sep, bits = item.rpartition("=")
+        if not sep or not name:
+            raise ValueError(f"--keep expects NAME=BITS, got {item!r}")
+        try:
+            keep[name] = int(bits)
+        except ValueError:
+            raise ValueError(f"--keep {item!r}: BITS must be an int") from None
+    return keep
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from ..search import DEFAULT_OBJECTIVE, OBJECTIVES
+
+    p = sub.add_parser(
+        "search",
+        help="choose a weight bit-width per layer (the MixQuant search)",
+        description="Measure every layer's roundoff error at each candidate bit-width and choose "
+        "per-layer bits by the QEM rule (--qem) or an exact budget rule (--avg-bits / --max-bytes). "
+        + MODEL_HELP,
+    )
+    p.add_argument("model", metavar="MODEL", help="package.module:factory, a TorchScript file, or a torch.save file")
+    p.add_argument("--bits", type=parse_bits, default=list(range(2, 9)), help="candidate bit-widths, e.g. 2-8 or 2,4,8 (default 2-8)")
+    rule = p.add_mutually_exclusive_group(required=True)
+    rule.add_argument("--qem", type=float, help="quantization error multiplier: smallest bits with err(b) <= QEM * err(ref)")
+    rule.add_argument("--avg-bits", type=float, help="parameter-weighted average bit-width budget (exact knapsack)")
+    rule.add_argument("--max-bytes", type=int, help="budget on packed weights + scales + zero points, in bytes")
+    p.add_argument("--ref-bits", type=int, default=8, help="QEM reference bit-width (default 8)")
+    p.add_argument("--qem-reference", choices=["layer", "model"], default="layer",
+                   help="QEM reference: the layer's own error at --ref-bits, or the median normalised error over layers")
+    p.add_argument("--objective", choices=OBJECTIVES, default=DEFAULT_OBJECTIVE,
+                   help=f"per-layer error summed by the budget rule (default {DEFAULT_OBJECTIVE})")
+    gran = p.add_mutually_exclusive_group()
+    gran.add_argument("--per-channel", dest="per_channel", action="store_true", default=True,
+                      help="one scale per output channel (default)")
+    gran.add_argument("--per-tensor", dest="per_channel", action="store_false", help="one scale per layer")
+    p.add_argument("--symmetric", action="store_true", help="symmetric quantizer (default asymmetric)")
+    p.add_argument("--clip", choices=["minmax", "mse"], default="minmax", help="range: min/max, or the clipping search")
+    p.add_argument("--keep", nargs="*", metavar="NAME=BITS", help="pin layers, e.g. --keep conv1=8 fc=8")
+    p.add_argument("--backend", choices=["native", "reference"], default=None, help="kernel backend (default native)")
+    p.add_argument("--threads", type=int, default=None, help="native threads (default MIXQUANT_NUM_THREADS or torch's)")
+    p.add_argument("--out", required=True, help="where to write the bit config (JSON)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--trust-file", action="store_true",
+                   help="allow unpickling a whole module from MODEL (can run code from the file; only for trusted files)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..search import search
+
+    model = load_model(args.model, trust_file=args.trust_file)
+    config = search(
+        model, args.bits, qem=args.qem, ref_bits=args.ref_bits, qem_reference=args.qem_reference,
+        avg_bits=args.avg_bits, max_bytes=args.max_bytes, objective=args.objective,
+        per_channel=args.per_channel, symmetric=args.symmetric, clip=args.clip, keep=parse_keep(args.keep),
+        backend=args.backend, num_threads=args.threads, progress=True,
+    )
+    config.save(args.out, overwrite=args.overwrite)
+    print(config)
+    print(f"wrote {args.out}")
+    return 0

@@ -1,0 +1,173 @@
+"""Pure-PyTorch twins of every native kernel (the reference path).
+
+Each function here computes exactly what its C++ counterpart computes, with
+the same floating-point steps, so that the two can be held equal by tests:
+integer codes, scales and zero points agree bit for bit; error sums agree to
+rounding (the native core sums in a different order).
+
+Conventions (see README, "Search rules"): weights are a float32 matrix
+``w[C, K]``; a parameter row ``S`` is ``C`` (per channel) or ``1`` (per
+tensor); codes are unsigned in ``[0, 2**bits - 1]``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence, Tuple
+
+import torch
+
+FLT_MIN = torch.finfo(torch.float32).tiny
+FLT_MAX = torch.finfo(torch.float32).max
+
+__all__ = [
+    "channel_minmax",
+    "qparams",
+    "fake_quantize",
+    "quantize",
+    "dequantize",
+    "error_table",
+    "clip_search",
+    "pack_bits",
+    "unpack_bits",
+]
+
+
+def channel_minmax(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    """Per-row minimum and maximum over finite values, and the count of non-finite values."""
+    finite = torch.isfinite(w)
+    n_nonfinite = int(w.numel() - finite.sum().item())
+    if n_nonfinite:
+        lo = torch.where(finite, w, torch.full_like(w, float("inf"))).amin(dim=1)
+        hi = torch.where(finite, w, torch.full_like(w, float("-inf"))).amax(dim=1)
+    else:
+        lo, hi = w.amin(dim=1), w.amax(dim=1)
+    return lo, hi, n_nonfinite
+
+
+def _to_float32_scale(scale_d: torch.Tensor) -> torch.Tensor:
+    # Clamp in double first: a double above FLT_MAX must not become inf.
+    return scale_d.clamp(FLT_MIN, FLT_MAX).to(torch.float32)
+
+
+def qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Scale (float32) and zero point (int32) from a raw range; zero is always representable."""
+    qmax = float(2**bits - 1)
+    lo_d = torch.clamp(lo.to(torch.float32), max=0.0).double()
+    hi_d = torch.clamp(hi.to(torch.float32), min=0.0).double()
+    if symmetric:
+        amax = torch.maximum(-lo_d, hi_d)
+        scale = torch.where(amax == 0, 1.0, _to_float32_scale(amax * 2.0 / qmax))
+        zp = torch.full_like(lo_d, float(2 ** (bits - 1)))
+    else:
+        width = hi_d - lo_d
+        scale = torch.where(width == 0, 1.0, _to_float32_scale(width / qmax))
+        zp = torch.clamp(torch.round(-lo_d / scale.double()), 0.0, qmax)
+    return scale, zp.to(torch.int32)
+
+
+def _codes_float(w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, bits: int) -> torch.Tensor:
+    # torch.fake_quantize's formula: multiply by the float32 reciprocal, round half to even.
+    inv = 1.0 / scale.view(-1, 1)
+    q = torch.round(w * inv) + zp.view(-1, 1).to(torch.float32)
+    return torch.clamp(q, 0.0, float(2**bits - 1))
+
+
+def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, bits: int) -> torch.Tensor:
+    """Quantize then dequantize ``w[C, K]`` (float32 arithmetic)."""
+    q = _codes_float(w, scale, zp, bits)
+    return (q - zp.view(-1, 1).to(torch.float32)) * scale.view(-1, 1)
+
+
+def quantize(w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes of ``w[C, K]``: uint8 for bits <= 8, else int32."""
+    q = _codes_float(w, scale, zp, bits)
+    return q.to(torch.uint8 if bits <= 8 else torch.int32)
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor) -> torch.Tensor:
+    """Float32 values of integer codes ``codes[C, K]``."""
+    q = codes.to(torch.float32)
+    return (q - zp.view(-1, 1).to(torch.float32)) * scale.view(-1, 1)
+
+
+def error_table(
+    w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, bits: Sequence[int]
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per (bit-width, row): sum of squared error (float64) and max |error| (float32).
+
+    ``scale``/``zp`` are ``[B, S]`` with ``S`` = C or 1.
+    """
+    sse = torch.empty(len(bits), w.shape[0], dtype=torch.float64)
+    max_abs = torch.empty(len(bits), w.shape[0], dtype=torch.float32)
+    for i, b in enumerate(bits):
+        err = w - fake_quantize(w, scale[i], zp[i], int(b))
+        sse[i] = err.double().square().sum(dim=1)
+        max_abs[i] = err.abs().amax(dim=1)
+    return sse, max_abs
+
+
+def _lp(err: torch.Tensor, p: float) -> torch.Tensor:
+    a = err.abs().double()
+    return (a.square() if p == 2.0 else a.pow(p)).sum(dim=1)
+
+
+def clip_search(
+    w: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    bits: Sequence[int],
+    symmetric: bool,
+    n_grid: int,
+    step: float,
+    p: float,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Best shrunken range per (bit-width, group) by lowest sum |e|^p.
+
+    Candidate ``i`` shrinks the zero-including range by ``1 - i*step``; ties keep the
+    smallest ``i``. Groups are rows (``S == C``) or the whole matrix (``S == 1``).
+    Returns ``best_index [B, S]``, ``scale [B, S]``, ``zero_point [B, S]``, ``lp_err [B, S]``.
+    """
+    per_tensor = lo.numel() == 1 and w.shape[0] != 1
+    rows = w.reshape(1, -1) if per_tensor else w
+    groups = lo.numel()
+    lo_d = torch.clamp(lo.to(torch.float32), max=0.0).double()
+    hi_d = torch.clamp(hi.to(torch.float32), min=0.0).double()
+    out_idx = torch.zeros(len(bits), groups, dtype=torch.int32)
+    out_scale = torch.empty(len(bits), groups, dtype=torch.float32)
+    out_zp = torch.empty(len(bits), groups, dtype=torch.int32)
+    out_err = torch.full((len(bits), groups), float("inf"), dtype=torch.float64)
+    for bi, b in enumerate(bits):
+        for i in range(n_grid):
+            factor = 1.0 - i * step
+            scale, zp = qparams((lo_d * factor).float(), (hi_d * factor).float(), int(b), symmetric)
+            err = _lp(rows - fake_quantize(rows, scale, zp, int(b)), p)
+            better = err < out_err[bi]
+            out_err[bi] = torch.where(better, err, out_err[bi])
+            out_idx[bi] = torch.where(better, torch.full_like(out_idx[bi], i), out_idx[bi])
+            out_scale[bi] = torch.where(better, scale, out_scale[bi])
+            out_zp[bi] = torch.where(better, zp, out_zp[bi])
+    return out_idx, out_scale, out_zp, out_err
+
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack 1-D codes into an LSB-first bit stream of ``ceil(n*bits/8)`` bytes."""
+    n = codes.numel()
+    c = codes.reshape(-1).to(torch.int64)
+    if n and int(c.max()) >= 2**bits or n and int(c.min()) < 0:
+        raise ValueError(f"codes must lie in [0, {2**bits - 1}] for bits={bits}")
+    shifts = torch.arange(bits, dtype=torch.int64)
+    stream = ((c.view(-1, 1) >> shifts) & 1).reshape(-1).to(torch.uint8)
+    nbytes = (n * bits + 7) // 8
+    stream = torch.cat([stream, torch.zeros(nbytes * 8 - stream.numel(), dtype=torch.uint8)])
+    weights = (2 ** torch.arange(8, dtype=torch.int64)).view(1, 8)
+    return (stream.view(-1, 8).to(torch.int64) * weights).sum(dim=1).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: ``n`` codes (uint8 for bits <= 8, else int32)."""
+    if packed.numel() * 8 < n * bits:
+        raise ValueError(f"packed buffer holds {packed.numel()} bytes, {(n * bits + 7) // 8} needed")
+    stream = (packed.reshape(-1, 1).to(torch.int64) >> torch.arange(8, dtype=torch.int64)) & 1
+    stream = stream.reshape(-1)[: n * bits].view(n, bits)
+    codes = (stream << torch.arange(bits, dtype=torch.int64)).sum(dim=1)
+    return codes.to(torch.uint8 if bits <= 8 else torch.int32)
