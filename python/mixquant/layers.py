@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Callable, Dict, Optional, Type
 
+import torch
 import torch.nn as nn
 
 FilterFn = Callable[[nn.Module, str], bool]
@@ -40,6 +41,11 @@ def _registered_axis(module: nn.Module) -> Optional[int]:
     for cls in type(module).__mro__:
         if cls in _QUANTIZABLE:
             return _QUANTIZABLE[cls]
+    if isinstance(module, torch.jit.ScriptModule):  # a loaded TorchScript layer keeps only its class name
+        name = getattr(module, "original_name", None)
+        for cls, axis in _QUANTIZABLE.items():
+            if cls.__name__ == name:
+                return axis
     return None
 
 
@@ -48,7 +54,7 @@ def is_quantizable(module: nn.Module) -> bool:
     if _registered_axis(module) is None:
         return False
     weight = getattr(module, "weight", None)
-    return isinstance(weight, nn.Parameter) and weight.dim() >= 2
+    return isinstance(weight, torch.Tensor) and weight.dim() >= 2 and weight.is_floating_point()
 
 
 def channel_axis(module: nn.Module) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import os
 import pickle
+import warnings
 import zipfile
 
 import torch
@@ -45,7 +46,9 @@ def load_model(spec: str, *, trust_file: bool = False) -> nn.Module:
 
 def _load_file(path: str, trust_file: bool) -> nn.Module:
     if _is_torchscript(path):
-        return torch.jit.load(path, map_location="cpu")
+        with warnings.catch_warnings():  # torch marks TorchScript deprecated; the file is still valid
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return torch.jit.load(path, map_location="cpu")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

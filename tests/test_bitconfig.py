@@ -1,0 +1,99 @@
+"""BitConfig: figures, JSON round trip, fitting a model, and rejecting bad files."""
+
+import json
+
+import pytest
+import torch.nn as nn
+
+import mixquant
+from conftest import make_small_net
+
+
+def test_save_load_round_trip(small_net, tmp_path):
+    config = mixquant.search(small_net, avg_bits=3.5, keep={"conv1": 8})
+    path = tmp_path / "bits.json"
+    config.save(path)
+    loaded = mixquant.BitConfig.load(path)
+    assert loaded == config
+    assert loaded.avg_bits == config.avg_bits and loaded.size_bytes == config.size_bytes
+    loaded.check_model(make_small_net(seed=3))  # same architecture, other weights: fits
+
+
+def test_save_refuses_to_clobber(small_net, tmp_path):
+    path = tmp_path / "bits.json"
+    path.write_text("precious")
+    config = mixquant.uniform(small_net, 4)
+    with pytest.raises(FileExistsError, match="overwrite"):
+        config.save(path)
+    assert path.read_text() == "precious"
+    config.save(path, overwrite=True)
+    assert mixquant.BitConfig.load(path) == config
+    assert [p.name for p in tmp_path.iterdir()] == ["bits.json"]  # no temporary file left
+
+
+def test_str_is_a_table(small_net):
+    text = str(mixquant.search(small_net, avg_bits=4))
+    assert text.splitlines()[0].split() == ["layer", "shape", "params", "bits", "norm"]
+    assert "fc1" in text and "average" in text.splitlines()[-1]
+
+
+def test_config_for_another_model_is_rejected(small_net):
+    config = mixquant.uniform(small_net, 4)
+    with pytest.raises(ValueError, match="no layer 'conv1'"):
+        config.check_model(nn.Sequential(nn.Linear(3, 4)))
+    other = make_small_net()
+    other.fc1 = nn.Linear(256, 32)
+    with pytest.raises(ValueError, match="layer 'fc1' has weight shape"):
+        config.check_model(other)
+    other.fc1 = nn.ReLU()
+    with pytest.raises(ValueError, match="'fc1' is a ReLU"):
+        config.check_model(other)
+
+
+def _saved(small_net, tmp_path):
+    path = tmp_path / "bits.json"
+    mixquant.search(small_net, avg_bits=3).save(path)
+    return path, json.loads(path.read_text())
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda d: d.update(version=99), "unsupported version"),
+        (lambda d: d.update(format="other"), "'format'"),
+        (lambda d: d["layers"][0].update(bits=0), "bits of layer 'conv1'"),
+        (lambda d: d["layers"][0].update(bits="8"), "bits of layer 'conv1'"),
+        (lambda d: d["layers"][1].update(shape=[16, -8, 3, 3]), "shape of layer 'conv2'"),
+        (lambda d: d["layers"][1].update(groups=10**9), "groups of layer 'conv2'"),
+        (lambda d: d["layers"].append(dict(d["layers"][0])), "appears twice"),
+        (lambda d: d["layers"][0]["errors"]["sse"].pop(), "must have 7 values"),
+        (lambda d: d["layers"][0]["errors"]["mse"].__setitem__(0, -1.0), "non-negative"),
+        (lambda d: d.update(size_bytes=d["size_bytes"] - 1), "size_bytes"),
+        (lambda d: d.update(layers=[]), "non-empty"),
+        (lambda d: d.update(per_channel="yes"), "per_channel"),
+        (lambda d: d.__setitem__("rule", {"name": "x", "payload": {"a": 1}}), "plain value"),
+    ],
+)
+def test_tampered_files_are_rejected(small_net, tmp_path, edit, match):
+    path, data = _saved(small_net, tmp_path)
+    edit(data)
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=match):
+        mixquant.BitConfig.load(path)
+
+
+@pytest.mark.parametrize("payload", [b"", b"\x00\xff\x13garbage", b"[1, 2, 3]", b'{"format": NaN}', b"{" * 5000])
+def test_garbage_files_are_rejected(tmp_path, payload):
+    path = tmp_path / "bits.json"
+    path.write_bytes(payload)
+    with pytest.raises(ValueError):
+        mixquant.BitConfig.load(path)
+
+
+def test_truncated_file_is_rejected(small_net, tmp_path):
+    path, _ = _saved(small_net, tmp_path)
+    raw = path.read_bytes()
+    for cut in (1, len(raw) // 3, len(raw) - 3):
+        path.write_bytes(raw[:cut])
+        with pytest.raises(ValueError):
+            mixquant.BitConfig.load(path)
