@@ -1,0 +1,145 @@
+"""Speed of the roundoff-error table, the clipping search and the whole search.
+
+Compares, in one run and on the weight shapes of ResNet-18 and ResNet-50
+(kaiming-normal, seed 0):
+
+* ``native``: mixquant's fused C++ error table (all bit-widths in one pass);
+* ``reference``: mixquant's pure-PyTorch twin;
+* ``torch_loop``: a loop over bit-widths of ``torch.fake_quantize_per_{tensor,channel}_affine``
+  plus the squared-error sum (what a user would write with plain torch);
+
+for per-tensor and per-channel quantization with 1 and 2 threads; then the
+clipping search (80 ratios x 7 bit-widths) native vs reference, and a whole
+``mixquant.search`` of ResNet-50.
+
+    python benchmarks/bench_search.py --json out.json
+
+Prints a table of median times and ratios; ``--json`` writes a list of records
+``{"case", "impl", "threads", "median_s"}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import mixquant  # noqa: E402
+from resnets import resnet18, resnet50  # noqa: E402
+
+BITS = list(range(2, 9))
+
+
+def median_time(fn: Callable[[], object], repeat: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def weights_of(model) -> List[torch.Tensor]:
+    return [m.weight.detach() for m in mixquant.find_layers(model).values()]
+
+
+def table_with(weights, per_channel: bool, backend: str, threads: int):
+    def run():
+        for w in weights:
+            mixquant.roundoff_error(w, BITS, per_channel=per_channel, backend=backend, num_threads=threads)
+    return run
+
+
+def torch_loop(weights, per_channel: bool):
+    """Plain torch: min/max, then per bit-width fake_quantize and the squared-error sum."""
+    def run():
+        for w in weights:
+            m = w.reshape(w.shape[0], -1)
+            if per_channel:
+                lo = torch.clamp(m.amin(dim=1), max=0)
+                hi = torch.clamp(m.amax(dim=1), min=0)
+            else:
+                lo, hi = torch.clamp(m.min(), max=0), torch.clamp(m.max(), min=0)
+            for b in BITS:
+                qmax = 2**b - 1
+                scale = ((hi - lo) / qmax).clamp_min(torch.finfo(torch.float32).tiny)
+                zp = torch.clamp(torch.round(-lo / scale), 0, qmax)
+                if per_channel:
+                    fq = torch.fake_quantize_per_channel_affine(m, scale, zp.int(), 0, 0, qmax)
+                else:
+                    fq = torch.fake_quantize_per_tensor_affine(m, float(scale), int(zp), 0, qmax)
+                float(((m - fq).double() ** 2).sum())
+    return run
+
+
+def clip_with(weights, backend: str, threads: int):
+    def run():
+        for w in weights:
+            mixquant.clip_search(w, BITS, per_channel=True, backend=backend, num_threads=threads)
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", help="write the records to this file")
+    parser.add_argument("--repeat", type=int, default=5, help="timed runs per case (median; default 5)")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--clip-repeat", type=int, default=5,
+                        help="timed runs of the clipping search (the reference takes minutes at 5)")
+    args = parser.parse_args()
+
+    records: List[Dict] = []
+    models = {"resnet18": weights_of(resnet18()), "resnet50": weights_of(resnet50())}
+
+    def record(case: str, impl: str, threads: int, fn, repeat: int) -> float:
+        torch.set_num_threads(threads)
+        t = median_time(fn, repeat)
+        records.append({"case": case, "impl": impl, "threads": threads, "median_s": t})
+        print(f"  {case:<34} {impl:<11} {threads} thr  {t * 1e3:10.2f} ms", flush=True)
+        return t
+
+    print(f"mixquant {mixquant.__version__}, SIMD {mixquant.simd_level()}, torch {torch.__version__}, "
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus")
+    for model, weights in models.items():
+        n = sum(w.numel() for w in weights)
+        for per_channel in (False, True):
+            case = f"error_table/{model}/{'per_channel' if per_channel else 'per_tensor'}"
+            for threads in args.threads:
+                t_nat = record(case, "native", threads, table_with(weights, per_channel, "native", threads), args.repeat)
+                t_ref = record(case, "reference", threads, table_with(weights, per_channel, "reference", threads), args.repeat)
+                t_tql = record(case, "torch_loop", threads, torch_loop(weights, per_channel), args.repeat)
+                print(f"    -> {n / 1e6:.1f} M weights: native {n / t_nat / threads / 1e9:.2f} G elem/s/thread "
+                      f"(all {len(BITS)} bit-widths), {t_ref / t_nat:.1f}x vs reference, "
+                      f"{t_tql / t_nat:.1f}x vs torch loop")
+
+    weights = models["resnet18"]
+    for threads in args.threads:
+        t_nat = record("clip_search/resnet18/per_channel", "native", threads, clip_with(weights, "native", threads),
+                       args.clip_repeat)
+        t_ref = record("clip_search/resnet18/per_channel", "reference", threads,
+                       clip_with(weights, "reference", threads), args.clip_repeat)
+        print(f"    -> clipping search (80 ratios x {len(BITS)} bit-widths): {t_ref / t_nat:.1f}x vs reference")
+
+    model = resnet50()
+    for threads in args.threads:
+        t = record("search/resnet50/per_channel/avg_bits=4", "native", threads,
+                   lambda: mixquant.search(model, BITS, avg_bits=4.0, num_threads=threads), args.repeat)
+        print(f"    -> whole search of ResNet-50 (54 layers, 25.5 M weights): {t * 1e3:.1f} ms")
+
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(records, fh, indent=1)
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
