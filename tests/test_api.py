@@ -26,7 +26,8 @@ def test_native_core_is_built_and_reports_its_level():
 
 def test_stub_lists_exactly_the_core_functions():
     stub = os.path.join(os.path.dirname(mixquant.__file__), "_core.pyi")
-    tree = ast.parse(open(stub).read())
+    with open(stub) as fh:
+        tree = ast.parse(fh.read())
     stubbed = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
     public = {name for name in dir(_core) if not name.startswith("_")}
     assert stubbed == public
@@ -105,7 +106,7 @@ def test_bad_kernel_arguments():
         mixquant.fake_quantize_tensor(w, scale[:3], zp[:3], 4)
     with pytest.raises(ValueError, match="scale must be finite"):
         mixquant.fake_quantize_tensor(w, torch.zeros(4), zp, 4)
-    with pytest.raises(ValueError, match="codes must lie"):
+    with pytest.raises(ValueError, match="codes must"):
         mixquant.pack_bits(np.array([0, 16]), 4)
     with pytest.raises(TypeError, match="integers"):
         mixquant.pack_bits(np.array([0.5]), 4)

@@ -1,0 +1,444 @@
+// pybind11 module mixquant._core: validate, release the GIL, call the core.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "ops.h"
+#include "simd.h"
+
+namespace py = pybind11;
+using namespace pybind11::literals;
+
+namespace {
+
+using F32 = py::array_t<float, py::array::c_style | py::array::forcecast>;
+using I64 = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
+using U8 = py::array_t<uint8_t, py::array::c_style>;
+using U16 = py::array_t<uint16_t, py::array::c_style>;
+
+[[noreturn]] void fail(const std::string& msg) { throw py::value_error(msg); }
+
+std::string shape_str(const py::array& a) {
+  std::string s = "(";
+  for (py::ssize_t d = 0; d < a.ndim(); ++d) {
+    if (d) s += ", ";
+    s += std::to_string(a.shape(d));
+  }
+  return s + (a.ndim() == 1 ? ",)" : ")");
+}
+
+char dtype_kind(py::handle obj) {
+  if (py::isinstance<py::array>(obj)) return py::reinterpret_borrow<py::array>(obj).dtype().kind();
+  return 0;
+}
+
+// Real numbers as float32 C-contiguous (zero copy when already so).
+F32 as_f32(py::handle obj, const char* name) {
+  const char k = dtype_kind(obj);
+  if (k != 0 && k != 'f' && k != 'i' && k != 'u')
+    fail(std::string(name) + " must be a real (float) array");
+  F32 a = F32::ensure(obj);
+  if (!a) fail(std::string(name) + " must be convertible to a float32 array");
+  return a;
+}
+
+// Integers as int64 C-contiguous; float arrays are refused (no silent truncation).
+I64 as_i64(py::handle obj, const char* name) {
+  const char k = dtype_kind(obj);
+  if (k != 0 && k != 'i' && k != 'u') fail(std::string(name) + " must be an integer array");
+  I64 a = I64::ensure(obj);
+  if (!a) fail(std::string(name) + " must be convertible to an int64 array");
+  if (k == 0) {
+    // A Python list: make sure nothing was a float.
+    py::array probe = py::array::ensure(obj);
+    if (!probe || (probe.dtype().kind() != 'i' && probe.dtype().kind() != 'u' && probe.size() > 0))
+      fail(std::string(name) + " must contain integers");
+  }
+  return a;
+}
+
+void check_ndim(const py::array& a, int ndim, const char* name) {
+  if (a.ndim() != ndim)
+    fail(std::string(name) + " must be " + std::to_string(ndim) + "-D, got shape " + shape_str(a));
+}
+
+int check_bits(int64_t bits, const char* name = "bits") {
+  if (bits < 1 || bits > 16)
+    fail(std::string(name) + " must be in 1..16, got " + std::to_string(bits));
+  return static_cast<int>(bits);
+}
+
+int check_threads(int64_t nt) {
+  if (nt < 1) fail("num_threads must be >= 1, got " + std::to_string(nt));
+  return nt > 1024 ? 1024 : static_cast<int>(nt);
+}
+
+F32 weight_arg(py::handle obj, bool allow_empty, int64_t* C, int64_t* K) {
+  F32 w = as_f32(obj, "w");
+  check_ndim(w, 2, "w");
+  *C = w.shape(0);
+  *K = w.shape(1);
+  if (!allow_empty && (*C == 0 || *K == 0))
+    fail("w must have at least one row and one column, got shape " + shape_str(w));
+  return w;
+}
+
+int64_t check_groups(int64_t S, int64_t C, const char* name) {
+  if (S != 1 && S != C)
+    fail(std::string(name) + " must have 1 (per-tensor) or C=" + std::to_string(C) +
+         " (per-channel) entries, got " + std::to_string(S));
+  return S;
+}
+
+void check_scales(const float* s, int64_t n, const char* name) {
+  for (int64_t i = 0; i < n; ++i)
+    if (!(s[i] >= FLT_MIN && s[i] <= FLT_MAX))
+      fail(std::string(name) + " must be finite and >= FLT_MIN (1.1754944e-38), got " +
+           std::to_string(s[i]) + " at index " + std::to_string(i));
+}
+
+std::vector<int32_t> zero_points(const I64& z, const std::vector<int>& bits_per_row, int64_t S,
+                                 const char* name) {
+  // z is [len(bits_per_row), S]; zero points must lie in [0, 2^bits - 1].
+  std::vector<int32_t> out(static_cast<size_t>(z.size()));
+  const int64_t* p = z.data();
+  for (int64_t i = 0; i < z.size(); ++i) {
+    const int64_t qmax = (int64_t{1} << bits_per_row[i / S]) - 1;
+    if (p[i] < 0 || p[i] > qmax)
+      fail(std::string(name) + " must be in [0, 2**bits - 1] = [0, " + std::to_string(qmax) +
+           "], got " + std::to_string(p[i]) + " at flat index " + std::to_string(i));
+    out[i] = static_cast<int32_t>(p[i]);
+  }
+  return out;
+}
+
+void check_finite(const float* x, int64_t n, const char* name) {
+  for (int64_t i = 0; i < n; ++i)
+    if (!std::isfinite(x[i]))
+      fail(std::string(name) + " must be finite, got " + std::to_string(x[i]) + " at index " +
+           std::to_string(i));
+}
+
+// Per-tensor or per-channel (scale, zero_point) 1-D pair for the elementwise ops.
+struct Params1D {
+  F32 scale;
+  std::vector<int32_t> zp;
+  int64_t S;
+};
+
+Params1D params_1d(py::handle scale_obj, py::handle zp_obj, int bits, int64_t C) {
+  Params1D p;
+  p.scale = as_f32(scale_obj, "scale");
+  I64 z = as_i64(zp_obj, "zero_point");
+  if (p.scale.ndim() > 1) check_ndim(p.scale, 1, "scale");
+  if (z.ndim() > 1) check_ndim(z, 1, "zero_point");
+  p.S = check_groups(p.scale.size(), C, "scale");
+  if (z.size() != p.S)
+    fail("zero_point must have the same length as scale (" + std::to_string(p.S) + "), got " +
+         std::to_string(z.size()));
+  check_scales(p.scale.data(), p.S, "scale");
+  p.zp = zero_points(z, std::vector<int>(1, bits), p.S > 0 ? p.S : 1, "zero_point");
+  return p;
+}
+
+py::str simd_level() { return mixquant::simd_level_name(mixquant::current_simd_level()); }
+
+py::list supported_simd_levels() {
+  py::list out;
+  for (int l = 0; l <= static_cast<int>(mixquant::SimdLevel::AVX512); ++l) {
+    const auto level = static_cast<mixquant::SimdLevel>(l);
+    if (mixquant::simd_level_supported(level)) out.append(mixquant::simd_level_name(level));
+  }
+  return out;
+}
+
+void set_simd_level(const std::string& name) {
+  mixquant::SimdLevel level;
+  if (!mixquant::parse_simd_level(name.c_str(), &level))
+    fail("unknown SIMD level '" + name + "' (expected 'scalar', 'avx2' or 'avx512')");
+  if (!mixquant::set_simd_level(level))
+    fail("SIMD level '" + name + "' is not supported by this CPU or build");
+}
+
+py::tuple channel_minmax(py::object w_obj, int64_t num_threads) {
+  int64_t C, K;
+  F32 w = weight_arg(w_obj, false, &C, &K);
+  const int nt = check_threads(num_threads);
+  py::array_t<float> lo(C), hi(C);
+  int64_t bad = 0;
+  {
+    py::gil_scoped_release release;
+    mixquant::channel_minmax(w.data(), C, K, nt, lo.mutable_data(), hi.mutable_data(), &bad);
+  }
+  return py::make_tuple(lo, hi, bad);
+}
+
+py::tuple qparams(py::object lo_obj, py::object hi_obj, int64_t bits, bool symmetric) {
+  F32 lo = as_f32(lo_obj, "lo"), hi = as_f32(hi_obj, "hi");
+  check_ndim(lo, 1, "lo");
+  check_ndim(hi, 1, "hi");
+  if (lo.size() != hi.size())
+    fail("lo and hi must have the same length, got " + std::to_string(lo.size()) + " and " +
+         std::to_string(hi.size()));
+  const int b = check_bits(bits);
+  const int64_t n = lo.size();
+  check_finite(lo.data(), n, "lo");
+  check_finite(hi.data(), n, "hi");
+  py::array_t<float> scale(n);
+  py::array_t<int32_t> zp(n);
+  {
+    py::gil_scoped_release release;
+    mixquant::qparams(lo.data(), hi.data(), n, b, symmetric, scale.mutable_data(), zp.mutable_data());
+  }
+  return py::make_tuple(scale, zp);
+}
+
+std::vector<int> bits_list(py::handle obj) {
+  I64 bits = as_i64(obj, "bits");
+  check_ndim(bits, 1, "bits");
+  if (bits.size() == 0) fail("bits must not be empty");
+  std::vector<int> out;
+  for (int64_t i = 0; i < bits.size(); ++i) out.push_back(check_bits(bits.data()[i], "bits"));
+  return out;
+}
+
+py::tuple error_table(py::object w_obj, py::object scale_obj, py::object zp_obj, py::object bits_obj,
+                      int64_t num_threads) {
+  int64_t C, K;
+  F32 w = weight_arg(w_obj, false, &C, &K);
+  const std::vector<int> bits = bits_list(bits_obj);
+  const int64_t B = static_cast<int64_t>(bits.size());
+  F32 scale = as_f32(scale_obj, "scale");
+  I64 z = as_i64(zp_obj, "zero_point");
+  check_ndim(scale, 2, "scale");
+  check_ndim(z, 2, "zero_point");
+  if (scale.shape(0) != B)
+    fail("scale must have shape (B, S) with B=len(bits)=" + std::to_string(B) + ", got " +
+         shape_str(scale));
+  const int64_t S = check_groups(scale.shape(1), C, "scale.shape[1]");
+  if (z.shape(0) != B || z.shape(1) != S)
+    fail("zero_point must have the same shape as scale " + shape_str(scale) + ", got " +
+         shape_str(z));
+  check_scales(scale.data(), B * S, "scale");
+  const std::vector<int32_t> zp = zero_points(z, bits, S, "zero_point");
+  const int nt = check_threads(num_threads);
+  py::array_t<double> sse({B, C});
+  py::array_t<float> max_abs({B, C});
+  {
+    py::gil_scoped_release release;
+    const std::vector<int32_t> bits32(bits.begin(), bits.end());
+    mixquant::error_table(w.data(), C, K, scale.data(), zp.data(), S, bits32.data(), B, nt,
+                          sse.mutable_data(), max_abs.mutable_data());
+  }
+  return py::make_tuple(sse, max_abs);
+}
+
+py::tuple clip_search(py::object w_obj, py::object lo_obj, py::object hi_obj, py::object bits_obj,
+                      bool symmetric, int64_t n_grid, double step, double p, int64_t num_threads) {
+  int64_t C, K;
+  F32 w = weight_arg(w_obj, false, &C, &K);
+  F32 lo = as_f32(lo_obj, "lo"), hi = as_f32(hi_obj, "hi");
+  if (lo.ndim() > 1) check_ndim(lo, 1, "lo");
+  if (hi.ndim() > 1) check_ndim(hi, 1, "hi");
+  const int64_t S = check_groups(lo.size(), C, "lo");
+  if (hi.size() != S)
+    fail("hi must have the same length as lo (" + std::to_string(S) + "), got " +
+         std::to_string(hi.size()));
+  check_finite(lo.data(), S, "lo");
+  check_finite(hi.data(), S, "hi");
+  const std::vector<int> bits = bits_list(bits_obj);
+  const int64_t B = static_cast<int64_t>(bits.size());
+  if (n_grid < 1) fail("n_grid must be >= 1, got " + std::to_string(n_grid));
+  if (n_grid > 100000) fail("n_grid must be <= 100000, got " + std::to_string(n_grid));
+  if (!(step > 0.0) || !std::isfinite(step)) fail("step must be > 0, got " + std::to_string(step));
+  if (static_cast<double>(n_grid) * step > 1.0)
+    fail("n_grid * step must be <= 1 so that every clipping factor 1 - i*step stays > 0, got " +
+         std::to_string(static_cast<double>(n_grid) * step));
+  if (!(p > 0.0) || !std::isfinite(p)) fail("p must be finite and > 0, got " + std::to_string(p));
+  const int nt = check_threads(num_threads);
+  py::array_t<int32_t> best({B, S});
+  py::array_t<float> scale({B, S});
+  py::array_t<int32_t> zp({B, S});
+  py::array_t<double> err({B, S});
+  {
+    py::gil_scoped_release release;
+    const std::vector<int32_t> bits32(bits.begin(), bits.end());
+    mixquant::clip_search(w.data(), C, K, lo.data(), hi.data(), S, bits32.data(), B, symmetric,
+                          n_grid, step, p, nt, best.mutable_data(), scale.mutable_data(),
+                          zp.mutable_data(), err.mutable_data());
+  }
+  return py::make_tuple(best, scale, zp, err);
+}
+
+py::array_t<float> fake_quantize(py::object w_obj, py::object scale_obj, py::object zp_obj,
+                                 int64_t bits, int64_t num_threads) {
+  int64_t C, K;
+  F32 w = weight_arg(w_obj, true, &C, &K);
+  const int b = check_bits(bits);
+  Params1D prm = params_1d(scale_obj, zp_obj, b, C);
+  const int nt = check_threads(num_threads);
+  py::array_t<float> out({C, K});
+  {
+    py::gil_scoped_release release;
+    mixquant::fake_quantize(w.data(), C, K, prm.scale.data(), prm.zp.data(), prm.S, b, nt,
+                            out.mutable_data());
+  }
+  return out;
+}
+
+py::array quantize(py::object w_obj, py::object scale_obj, py::object zp_obj, int64_t bits,
+                   int64_t num_threads) {
+  int64_t C, K;
+  F32 w = weight_arg(w_obj, true, &C, &K);
+  const int b = check_bits(bits);
+  Params1D prm = params_1d(scale_obj, zp_obj, b, C);
+  const int nt = check_threads(num_threads);
+  if (b <= 8) {
+    py::array_t<uint8_t> out({C, K});
+    {
+      py::gil_scoped_release release;
+      mixquant::quantize(w.data(), C, K, prm.scale.data(), prm.zp.data(), prm.S, b, nt,
+                         out.mutable_data());
+    }
+    return std::move(out);
+  }
+  py::array_t<uint16_t> out({C, K});
+  {
+    py::gil_scoped_release release;
+    mixquant::quantize(w.data(), C, K, prm.scale.data(), prm.zp.data(), prm.S, b, nt,
+                       out.mutable_data());
+  }
+  return std::move(out);
+}
+
+template <class T>
+py::array_t<float> dequantize_t(py::handle codes_obj, py::handle scale_obj, py::handle zp_obj,
+                                int b, int nt) {
+  auto codes = py::array_t<T, py::array::c_style>::ensure(codes_obj);
+  if (!codes) fail("codes must be a uint8 or uint16 array");
+  check_ndim(codes, 2, "codes");
+  const int64_t C = codes.shape(0), K = codes.shape(1);
+  Params1D prm = params_1d(scale_obj, zp_obj, b, C);
+  py::array_t<float> out({C, K});
+  uint32_t mx = 0;
+  {
+    py::gil_scoped_release release;
+    mx = mixquant::max_code(codes.data(), C * K);
+  }
+  if (mx > (uint32_t{1} << b) - 1)
+    fail("codes must be <= 2**bits - 1 = " + std::to_string((1 << b) - 1) + ", found " +
+         std::to_string(mx));
+  {
+    py::gil_scoped_release release;
+    mixquant::dequantize(codes.data(), C, K, prm.scale.data(), prm.zp.data(), prm.S, b, nt,
+                         out.mutable_data());
+  }
+  return out;
+}
+
+py::array_t<float> dequantize(py::object codes_obj, py::object scale_obj, py::object zp_obj,
+                              int64_t bits, int64_t num_threads) {
+  const int b = check_bits(bits);
+  const int nt = check_threads(num_threads);
+  if (!py::isinstance<py::array>(codes_obj)) fail("codes must be a uint8 or uint16 numpy array");
+  const auto dt = py::reinterpret_borrow<py::array>(codes_obj).dtype();
+  if (dt.equal(py::dtype::of<uint8_t>()))
+    return dequantize_t<uint8_t>(codes_obj, scale_obj, zp_obj, b, nt);
+  if (dt.equal(py::dtype::of<uint16_t>()))
+    return dequantize_t<uint16_t>(codes_obj, scale_obj, zp_obj, b, nt);
+  fail("codes must be a uint8 or uint16 array, got dtype " + std::string(py::str(dt)));
+}
+
+template <class T>
+py::array_t<uint8_t> pack_t(py::handle codes_obj, int b) {
+  auto codes = py::array_t<T, py::array::c_style>::ensure(codes_obj);
+  if (!codes) fail("codes must be a uint8 or uint16 array");
+  check_ndim(codes, 1, "codes");
+  const int64_t n = codes.size();
+  py::array_t<uint8_t> out(mixquant::packed_bytes(n, b));
+  bool ok;
+  {
+    py::gil_scoped_release release;
+    ok = mixquant::pack_bits(codes.data(), n, b, out.mutable_data());
+  }
+  if (!ok) fail("codes must be < 2**bits = " + std::to_string(1 << b));
+  return out;
+}
+
+py::array_t<uint8_t> pack_bits(py::object codes_obj, int64_t bits) {
+  const int b = check_bits(bits);
+  if (!py::isinstance<py::array>(codes_obj)) fail("codes must be a uint8 or uint16 numpy array");
+  const auto dt = py::reinterpret_borrow<py::array>(codes_obj).dtype();
+  if (dt.equal(py::dtype::of<uint8_t>())) return pack_t<uint8_t>(codes_obj, b);
+  if (dt.equal(py::dtype::of<uint16_t>())) return pack_t<uint16_t>(codes_obj, b);
+  fail("codes must be a uint8 or uint16 array, got dtype " + std::string(py::str(dt)));
+}
+
+py::array unpack_bits(py::object packed_obj, int64_t bits, int64_t n) {
+  const int b = check_bits(bits);
+  if (n < 0) fail("n must be >= 0, got " + std::to_string(n));
+  if (!py::isinstance<py::array>(packed_obj) ||
+      !py::reinterpret_borrow<py::array>(packed_obj).dtype().equal(py::dtype::of<uint8_t>()))
+    fail("packed must be a uint8 numpy array");
+  auto packed = U8::ensure(packed_obj);
+  if (!packed) fail("packed must be a uint8 numpy array");
+  check_ndim(packed, 1, "packed");
+  const int64_t need = mixquant::packed_bytes(n, b);
+  if (packed.size() < need)
+    fail("packed is too short: " + std::to_string(n) + " codes of " + std::to_string(b) +
+         " bits need " + std::to_string(need) + " bytes, got " + std::to_string(packed.size()));
+  if (b <= 8) {
+    py::array_t<uint8_t> out(n);
+    {
+      py::gil_scoped_release release;
+      mixquant::unpack_bits(packed.data(), n, b, out.mutable_data());
+    }
+    return std::move(out);
+  }
+  py::array_t<uint16_t> out(n);
+  {
+    py::gil_scoped_release release;
+    mixquant::unpack_bits(packed.data(), n, b, out.mutable_data());
+  }
+  return std::move(out);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "mixquant native core: fused quantization-error kernels with SIMD dispatch";
+  mixquant::init_simd_from_env();
+
+  m.def("simd_level", &simd_level, "Name of the SIMD level in use: 'scalar', 'avx2' or 'avx512'.");
+  m.def("supported_simd_levels", &supported_simd_levels,
+        "SIMD levels this CPU and build can run, in the order scalar, avx2, avx512.");
+  m.def("set_simd_level", &set_simd_level, "name"_a,
+        "Switch the SIMD level; ValueError if unknown or unsupported.");
+  m.def("has_openmp", &mixquant::openmp_enabled, "Whether the core was built with OpenMP.");
+  m.def("channel_minmax", &channel_minmax, "w"_a, "num_threads"_a,
+        "Per-row (min, max) over finite values of a 2-D float32 w, and the count of NaN/Inf.");
+  m.def("qparams", &qparams, "lo"_a, "hi"_a, "bits"_a, "symmetric"_a,
+        "(scale float32, zero_point int32) from ranges (lo, hi); zero is included first.");
+  m.def("error_table", &error_table, "w"_a, "scale"_a, "zero_point"_a, "bits"_a, "num_threads"_a,
+        "(sse float64[B, C], max_abs float32[B, C]) of fake-quantization errors for B bit-widths.");
+  m.def("clip_search", &clip_search, "w"_a, "lo"_a, "hi"_a, "bits"_a, "symmetric"_a, "n_grid"_a,
+        "step"_a, "p"_a, "num_threads"_a,
+        "Grid search of range shrink factors 1 - i*step minimising sum |e|^p; returns "
+        "(best_index, scale, zero_point, lp_err), each [B, S].");
+  m.def("fake_quantize", &fake_quantize, "w"_a, "scale"_a, "zero_point"_a, "bits"_a,
+        "num_threads"_a, "torch-exact fake quantization of a 2-D float32 w (float32 [C, K]).");
+  m.def("quantize", &quantize, "w"_a, "scale"_a, "zero_point"_a, "bits"_a, "num_threads"_a,
+        "Integer codes of w: uint8 when bits <= 8, else uint16 ([C, K]).");
+  m.def("dequantize", &dequantize, "codes"_a, "scale"_a, "zero_point"_a, "bits"_a,
+        "num_threads"_a, "(codes - zero_point) * scale as float32 [C, K].");
+  m.def("pack_bits", &pack_bits, "codes"_a, "bits"_a,
+        "Pack 1-D uint8/uint16 codes into an LSB-first bit stream (uint8[ceil(n*bits/8)]).");
+  m.def("unpack_bits", &unpack_bits, "packed"_a, "bits"_a, "n"_a,
+        "Unpack n codes from an LSB-first bit stream (uint8 if bits <= 8, else uint16).");
+}

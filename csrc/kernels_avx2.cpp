@@ -1,0 +1,107 @@
+// AVX2 + FMA kernels.  This is the only file compiled with -mavx2 -mfma.
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "simd.h"
+
+#if !defined(__AVX2__) || !defined(__FMA__)
+#error "kernels_avx2.cpp must be compiled with -mavx2 -mfma"
+#endif
+
+namespace mixquant {
+namespace isa_avx2 {
+
+struct Vec {
+  using V = __m256;
+  static constexpr int64_t L = 8;
+
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static V load_int(const uint8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
+  static V load_int(const uint16_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
+  // v holds exact integers in [0, 65535]; packus keeps lane order (128-bit halves).
+  static __m128i pack_u16(V v) {
+    const __m256i i = _mm256_cvtps_epi32(v);
+    return _mm_packus_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
+  }
+  static void store_int(uint16_t* p, V v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), pack_u16(v)); }
+  static void store_int(uint8_t* p, V v) {
+    const __m128i w = pack_u16(v);
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(p), _mm_packus_epi16(w, w));
+  }
+  static V set1(float v) { return _mm256_set1_ps(v); }
+  static V zero() { return _mm256_setzero_ps(); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  static V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V prod_err(V a, V b, V p) { return _mm256_fmsub_ps(a, b, p); }
+  static V min(V a, V b) { return _mm256_min_ps(a, b); }
+  static V max(V a, V b) { return _mm256_max_ps(a, b); }
+  static V round_ne(V x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static V abs(V x) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x); }
+  static double hsum(V x) {
+    const __m256d a = _mm256_cvtps_pd(_mm256_castps256_ps128(x));
+    const __m256d b = _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1));
+    const __m256d s = _mm256_add_pd(a, b);
+    __m128d t = _mm_add_pd(_mm256_castpd256_pd128(s), _mm256_extractf128_pd(s, 1));
+    t = _mm_add_sd(t, _mm_unpackhi_pd(t, t));
+    return _mm_cvtsd_f64(t);
+  }
+  static float hmax(V x) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+    return _mm_cvtss_f32(m);
+  }
+  static float hmin(V x) {
+    __m128 m = _mm_min_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    m = _mm_min_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_min_ss(m, _mm_shuffle_ps(m, m, 1));
+    return _mm_cvtss_f32(m);
+  }
+  static V finite_or(V x, V fill, int64_t* bad) {
+    const V fin = _mm256_cmp_ps(_mm256_sub_ps(x, x), _mm256_setzero_ps(), _CMP_EQ_OQ);
+    if (bad) *bad += 8 - __builtin_popcount(static_cast<unsigned>(_mm256_movemask_ps(fin)));
+    return _mm256_blendv_ps(fill, x, fin);
+  }
+  // a = m * 2^k, m in [0.75, 1.5) for normal a > 0.  Subtracting the bit
+  // pattern of 0.75 moves the exponent boundary to 0.75 * 2^k, so one shift
+  // gives k and one subtraction rebuilds m.  Subnormal a (< FLT_MIN) is not
+  // normalised: its |e|^p term is over-estimated but stays below FLT_MIN^p.
+  static V split_exp(V a, V* k) {
+    const __m256i off = _mm256_set1_epi32(0x3f400000);  // 0.75f
+    const __m256i bits = _mm256_castps_si256(a);
+    const __m256i t = _mm256_sub_epi32(bits, off);
+    *k = _mm256_cvtepi32_ps(_mm256_srai_epi32(t, 23));
+    return _mm256_castsi256_ps(_mm256_sub_epi32(bits, _mm256_and_si256(t, _mm256_set1_epi32(static_cast<int>(0xff800000u)))));
+  }
+  // r * 2^n for integer-valued n, in two steps so that n in [-252, 254]
+  // (subnormal and overflowing results included) is exact.
+  static V scale_pow2(V r, V n) {
+    n = _mm256_min_ps(_mm256_max_ps(n, _mm256_set1_ps(-252.0f)), _mm256_set1_ps(254.0f));
+    const __m256i ni = _mm256_cvtps_epi32(n);
+    const __m256i h1 = _mm256_srai_epi32(ni, 1);
+    const __m256i h2 = _mm256_sub_epi32(ni, h1);
+    const __m256i bias = _mm256_set1_epi32(127);
+    const V s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(h1, bias), 23));
+    const V s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(h2, bias), 23));
+    return _mm256_mul_ps(_mm256_mul_ps(r, s1), s2);
+  }
+  static V select_pos(V a, V r) {
+    return _mm256_and_ps(r, _mm256_cmp_ps(a, _mm256_setzero_ps(), _CMP_GT_OQ));
+  }
+};
+
+}  // namespace isa_avx2
+}  // namespace mixquant
+
+#define MIXQUANT_ISA_NS isa_avx2
+#define MIXQUANT_ISA_TABLE kTableAvx2
+#define MIXQUANT_ISA_NAME "avx2"
+#include "kernels_impl.h"

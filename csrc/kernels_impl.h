@@ -1,0 +1,378 @@
+// Kernel bodies, written once and compiled once per SIMD level.
+//
+// Usage (see kernels_scalar.cpp / kernels_avx2.cpp / kernels_avx512.cpp):
+//
+//   namespace mixquant { namespace isa_avx2 { struct Vec { ... }; } }
+//   #define MIXQUANT_ISA_NS isa_avx2
+//   #define MIXQUANT_ISA_TABLE kTableAvx2
+//   #define MIXQUANT_ISA_NAME "avx2"
+//   #include "kernels_impl.h"
+//
+// `Vec` is a small vector-traits class (lane count L, load/store, arithmetic,
+// round-to-nearest-even, horizontal sums, |x|^p).  Everything below lives in
+// an anonymous namespace nested in the per-ISA namespace, so nothing compiled
+// here with -mavx512* can be merged by the linker with a baseline copy.  For
+// the same reason no std:: function templates are used in this file.
+//
+// No include guard on purpose: each ISA translation unit includes it once.
+
+#if !defined(MIXQUANT_ISA_NS) || !defined(MIXQUANT_ISA_TABLE) || !defined(MIXQUANT_ISA_NAME)
+#error "define MIXQUANT_ISA_NS, MIXQUANT_ISA_TABLE and MIXQUANT_ISA_NAME before including kernels_impl.h"
+#endif
+
+namespace mixquant {
+namespace MIXQUANT_ISA_NS {
+namespace {
+
+using V = typename Vec::V;
+constexpr int64_t kLanes = Vec::L;
+constexpr int64_t kUnroll = 4;
+constexpr int64_t kStep = kLanes * kUnroll;
+// Elements per cache block.  Each float accumulator lane receives at most
+// kBlock / kStep = 64 terms before it is flushed into a double, which bounds
+// the float rounding error of a block sum by ~66 ulp (4e-6 relative) even in
+// the worst case; typical error is far smaller.  A block is 1 KiB (scalar),
+// 8 KiB (AVX2) or 16 KiB (AVX-512): it stays in L1 while all candidates are
+// evaluated on it, so the data is streamed from memory exactly once.
+constexpr int64_t kBlock = 64 * kStep;
+
+inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+struct QV {
+  V inv, scale, tlo, thi, escale;
+};
+
+inline QV broadcast(const QParam& q) {
+  QV v;
+  v.inv = Vec::set1(q.inv);
+  v.scale = Vec::set1(q.scale);
+  v.tlo = Vec::set1(q.tlo);
+  v.thi = Vec::set1(q.thi);
+  v.escale = Vec::set1(q.escale);
+  return v;
+}
+
+// Clamped, rounded quantization index relative to the zero point:
+//   t = clamp(nearbyint(w * inv), -zp, qmax - zp)
+// torch computes q = clamp(nearbyint(w * inv) + zp, 0, qmax) and then q - zp.
+// Both are bit-identical: nearbyint gives an integer-valued float r; when
+// |r| < 2^24 - 65535, r + zp and q - zp are exact, and when |r| is larger the
+// value is clamped to the same bound either way.  NaN maps to the lower bound
+// in both (x86 max returns its second operand on NaN; the scalar traits mimic
+// that).  We multiply by the float reciprocal rather than divide because that
+// is exactly torch's formula (inv_scale = 1.0f / scale) and it keeps the
+// divider out of the inner loop.
+inline V q_index(V w, const QV& q) {
+  const V r = Vec::round_ne(Vec::mul(w, q.inv));
+  return Vec::min(Vec::max(r, q.tlo), q.thi);
+}
+
+// e = w - w_hat, both rounded to float32 exactly like torch (no FMA here: the
+// build uses -ffp-contract=off so the compiler cannot fuse mul and sub).
+inline V q_error(V w, const QV& q) { return Vec::sub(w, Vec::mul(q_index(w, q), q.scale)); }
+
+// The error as accumulated: multiplied by the power of two q.escale when the
+// driver asked for range scaling (exact, see QParam::escale).
+template <bool kScaled>
+inline V q_error_acc(V w, const QV& q) {
+  return kScaled ? Vec::mul(q_error(w, q), q.escale) : q_error(w, q);
+}
+
+// Zero-padded vector of the last n < L elements.  Zero is always exactly
+// representable on the grid (0 <= zp <= qmax), so padded lanes have error 0
+// and contribute nothing to any of the sums below.
+inline V load_tail(const float* x, int64_t n) {
+  alignas(64) float buf[kLanes];
+  for (int64_t i = 0; i < kLanes; ++i) buf[i] = i < n ? x[i] : 0.0f;
+  return Vec::load(buf);
+}
+
+// ---------------------------------------------------------------- minmax ----
+void k_minmax(const float* x, int64_t n, float* lo, float* hi, int64_t* nonfinite) {
+  const V pinf = Vec::set1(__builtin_inff());
+  const V ninf = Vec::set1(-__builtin_inff());
+  V vlo0 = pinf, vlo1 = pinf, vhi0 = ninf, vhi1 = ninf;
+  int64_t bad = 0;
+  const int64_t n2 = n - n % (2 * kLanes);
+  const int64_t n1 = n - n % kLanes;
+  for (int64_t i = 0; i < n2; i += 2 * kLanes) {
+    const V a = Vec::load(x + i);
+    const V b = Vec::load(x + i + kLanes);
+    vlo0 = Vec::min(vlo0, Vec::finite_or(a, pinf, &bad));
+    vhi0 = Vec::max(vhi0, Vec::finite_or(a, ninf, nullptr));
+    vlo1 = Vec::min(vlo1, Vec::finite_or(b, pinf, &bad));
+    vhi1 = Vec::max(vhi1, Vec::finite_or(b, ninf, nullptr));
+  }
+  for (int64_t i = n2; i < n1; i += kLanes) {
+    const V a = Vec::load(x + i);
+    vlo0 = Vec::min(vlo0, Vec::finite_or(a, pinf, &bad));
+    vhi0 = Vec::max(vhi0, Vec::finite_or(a, ninf, nullptr));
+  }
+  float l = Vec::hmin(Vec::min(vlo0, vlo1));
+  float h = Vec::hmax(Vec::max(vhi0, vhi1));
+  for (int64_t i = n1; i < n; ++i) {
+    const float v = x[i];
+    if (v - v == 0.0f) {  // finite
+      l = v < l ? v : l;
+      h = v > h ? v : h;
+    } else {
+      ++bad;
+    }
+  }
+  *lo = l;
+  *hi = h;
+  *nonfinite = bad;
+}
+
+// ------------------------------------------------------------ error stats ----
+// Sum of squares (of range-scaled errors) and max |e| of one block for one
+// parameter set.
+template <bool kScaled>
+void err_block(const float* xb, int64_t nb, V tail, const QV& q, double* sse, float* maxabs) {
+  const int64_t nfull = nb - nb % kStep;
+  const int64_t nvec = nb - nb % kLanes;
+  V s0 = Vec::zero(), s1 = Vec::zero(), s2 = Vec::zero(), s3 = Vec::zero();
+  V m0 = Vec::zero(), m1 = Vec::zero();
+  for (int64_t i = 0; i < nfull; i += kStep) {
+    const V e0 = q_error(Vec::load(xb + i), q);
+    const V e1 = q_error(Vec::load(xb + i + kLanes), q);
+    const V e2 = q_error(Vec::load(xb + i + 2 * kLanes), q);
+    const V e3 = q_error(Vec::load(xb + i + 3 * kLanes), q);
+    m0 = Vec::max(m0, Vec::max(Vec::abs(e0), Vec::abs(e1)));
+    m1 = Vec::max(m1, Vec::max(Vec::abs(e2), Vec::abs(e3)));
+    const V f0 = kScaled ? Vec::mul(e0, q.escale) : e0;
+    const V f1 = kScaled ? Vec::mul(e1, q.escale) : e1;
+    const V f2 = kScaled ? Vec::mul(e2, q.escale) : e2;
+    const V f3 = kScaled ? Vec::mul(e3, q.escale) : e3;
+    s0 = Vec::fmadd(f0, f0, s0);
+    s1 = Vec::fmadd(f1, f1, s1);
+    s2 = Vec::fmadd(f2, f2, s2);
+    s3 = Vec::fmadd(f3, f3, s3);
+  }
+  for (int64_t i = nfull; i < nvec + (nb > nvec ? kLanes : 0); i += kLanes) {
+    const V e = q_error(i < nvec ? Vec::load(xb + i) : tail, q);
+    m0 = Vec::max(m0, Vec::abs(e));
+    const V f = kScaled ? Vec::mul(e, q.escale) : e;
+    s0 = Vec::fmadd(f, f, s0);
+  }
+  *sse += Vec::hsum(Vec::add(Vec::add(s0, s1), Vec::add(s2, s3)));
+  const float mb = Vec::hmax(Vec::max(m0, m1));
+  *maxabs = mb > *maxabs ? mb : *maxabs;
+}
+
+// Single pass over memory: each L1-sized block is loaded from memory once and
+// reused from cache for all m parameter sets (bit-widths).
+void k_err_stats(const float* x, int64_t n, const QParam* qp, int64_t m, double* sse,
+                 float* maxabs) {
+  for (int64_t j = 0; j < m; ++j) {
+    sse[j] = 0.0;
+    maxabs[j] = 0.0f;
+  }
+  for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
+    const int64_t nb = min64(kBlock, n - b0);
+    const float* xb = x + b0;
+    const int64_t nvec = nb - nb % kLanes;
+    const V tail = nb > nvec ? load_tail(xb + nvec, nb - nvec) : Vec::zero();
+    for (int64_t j = 0; j < m; ++j) {
+      const QV q = broadcast(qp[j]);
+      if (qp[j].escale == 1.0f) {
+        err_block<false>(xb, nb, tail, q, sse + j, maxabs + j);
+      } else {
+        err_block<true>(xb, nb, tail, q, sse + j, maxabs + j);
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------- lp errors ----
+struct PowSquare {
+  V acc(V a, V e) const { return Vec::fmadd(e, e, a); }
+};
+struct PowAbs {
+  V acc(V a, V e) const { return Vec::add(a, Vec::abs(e)); }
+};
+// |e|^p for general p > 0, vectorised: |e|^p = 2^(p * log2|e|).
+//  * |e| = m * 2^k with m in [0.75, 1.5); log2(m) = u * P(u), u = m - 1, P a
+//    degree-8 least-squares-minimax fit (max abs error 9e-8 in float math).
+//  * y = p * (k + log2 m) with p = p_hi + p_lo (float pair); p_hi * k is
+//    split exactly (FMA two-product) and p_lo * k kept, so y carries ~1e-7
+//    absolute error even when |y| is large (tiny errors at high bit-widths).
+//  * 2^y = 2^n * 2^f, n = round(y), f in [-0.5, 0.5]: degree-6 fit (max
+//    relative error 1.1e-7), then an exact scaling by 2^n.
+// Per-term relative error is a few 1e-7, without systematic sign, so sums
+// agree with torch.abs(e).double().pow(p).sum() within rtol 1e-5 (the float
+// block accumulation adds at most ~4e-6, see kBlock).  |e| == 0 gives 0.
+// Terms below FLT_MIN lose relative accuracy (they are negligible unless all
+// errors are that small).
+struct PowC {
+  V p_hi, p_lo;
+};
+
+inline PowC make_pow(double p) {
+  const float hi = static_cast<float>(p);
+  PowC c;
+  c.p_hi = Vec::set1(hi);
+  c.p_lo = Vec::set1(static_cast<float>(p - static_cast<double>(hi)));
+  return c;
+}
+
+inline V pow_abs(V a, const PowC& c) {
+  V k;
+  const V u = Vec::sub(Vec::split_exp(a, &k), Vec::set1(1.0f));
+  V l = Vec::set1(0.080195874f);
+  l = Vec::fmadd(l, u, Vec::set1(-0.1763608f));
+  l = Vec::fmadd(l, u, Vec::set1(0.21665879f));
+  l = Vec::fmadd(l, u, Vec::set1(-0.2425074f));
+  l = Vec::fmadd(l, u, Vec::set1(0.28814006f));
+  l = Vec::fmadd(l, u, Vec::set1(-0.36058247f));
+  l = Vec::fmadd(l, u, Vec::set1(0.48090357f));
+  l = Vec::fmadd(l, u, Vec::set1(-0.7213484f));
+  l = Vec::fmadd(l, u, Vec::set1(1.442695f));
+  l = Vec::mul(l, u);
+  const V yh = Vec::mul(c.p_hi, k);
+  V yl = Vec::prod_err(c.p_hi, k, yh);
+  yl = Vec::fmadd(c.p_lo, k, yl);
+  yl = Vec::fmadd(c.p_hi, l, yl);
+  const V n = Vec::round_ne(Vec::add(yh, yl));
+  const V f = Vec::add(Vec::sub(yh, n), yl);
+  V r = Vec::set1(0.0001548403f);
+  r = Vec::fmadd(r, f, Vec::set1(0.0013405901f));
+  r = Vec::fmadd(r, f, Vec::set1(0.009617972f));
+  r = Vec::fmadd(r, f, Vec::set1(0.05550313f));
+  r = Vec::fmadd(r, f, Vec::set1(0.24022652f));
+  r = Vec::fmadd(r, f, Vec::set1(0.69314724f));
+  r = Vec::fmadd(r, f, Vec::set1(1.0f));
+  return Vec::select_pos(a, Vec::scale_pow2(r, n));
+}
+
+struct PowGeneral {
+  PowC c;
+  V acc(V a, V e) const { return Vec::add(a, pow_abs(Vec::abs(e), c)); }
+};
+
+// Sum of |scaled e|^p over one block for one candidate: four independent
+// accumulators, flushed to double once per block (<= 64 terms per lane).
+template <bool kScaled, class Pw>
+double lp_block(const float* xb, int64_t nb, V tail, const QV& q, const Pw& pw) {
+  const int64_t nfull = nb - nb % kStep;
+  const int64_t nvec = nb - nb % kLanes;
+  V a0 = Vec::zero(), a1 = Vec::zero(), a2 = Vec::zero(), a3 = Vec::zero();
+  for (int64_t i = 0; i < nfull; i += kStep) {
+    a0 = pw.acc(a0, q_error_acc<kScaled>(Vec::load(xb + i), q));
+    a1 = pw.acc(a1, q_error_acc<kScaled>(Vec::load(xb + i + kLanes), q));
+    a2 = pw.acc(a2, q_error_acc<kScaled>(Vec::load(xb + i + 2 * kLanes), q));
+    a3 = pw.acc(a3, q_error_acc<kScaled>(Vec::load(xb + i + 3 * kLanes), q));
+  }
+  for (int64_t i = nfull; i < nvec; i += kLanes) a0 = pw.acc(a0, q_error_acc<kScaled>(Vec::load(xb + i), q));
+  if (nb > nvec) a1 = pw.acc(a1, q_error_acc<kScaled>(tail, q));
+  return Vec::hsum(Vec::add(Vec::add(a0, a1), Vec::add(a2, a3)));
+}
+
+template <class Pw>
+void lp_impl(const float* x, int64_t n, const QParam* qp, int64_t m, const Pw& pw,
+             double* out) {
+  for (int64_t j = 0; j < m; ++j) out[j] = 0.0;
+  for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
+    const int64_t nb = min64(kBlock, n - b0);
+    const float* xb = x + b0;
+    const int64_t nvec = nb - nb % kLanes;
+    const V tail = nb > nvec ? load_tail(xb + nvec, nb - nvec) : Vec::zero();
+    for (int64_t j = 0; j < m; ++j) {
+      const QV q = broadcast(qp[j]);
+      out[j] += qp[j].escale == 1.0f ? lp_block<false>(xb, nb, tail, q, pw)
+                                     : lp_block<true>(xb, nb, tail, q, pw);
+    }
+  }
+}
+
+void k_lp_err(const float* x, int64_t n, const QParam* qp, int64_t m, double p, double* out) {
+  if (p == 2.0) {
+    lp_impl(x, n, qp, m, PowSquare{}, out);
+  } else if (p == 1.0) {
+    lp_impl(x, n, qp, m, PowAbs{}, out);
+  } else {
+    PowGeneral pw;
+    pw.c = make_pow(p);
+    lp_impl(x, n, qp, m, pw, out);
+  }
+}
+
+// ------------------------------------------------------------ elementwise ----
+void k_fake_quant(const float* x, int64_t n, const QParam* qp, float* out) {
+  const QV q = broadcast(*qp);
+  const int64_t nvec = n - n % kLanes;
+  for (int64_t i = 0; i < nvec; i += kLanes)
+    Vec::store(out + i, Vec::mul(q_index(Vec::load(x + i), q), q.scale));
+  if (nvec < n) {
+    alignas(64) float buf[kLanes];
+    Vec::store(buf, Vec::mul(q_index(load_tail(x + nvec, n - nvec), q), q.scale));
+    for (int64_t i = nvec; i < n; ++i) out[i] = buf[i - nvec];
+  }
+}
+
+template <class T>
+void quant_impl(const float* x, int64_t n, const QParam* qp, T* out) {
+  const QV q = broadcast(*qp);
+  const V zp = Vec::set1(qp->zp);
+  const int64_t nvec = n - n % kLanes;
+  // t + zp is an exact small integer in [0, qmax].
+  for (int64_t i = 0; i < nvec; i += kLanes)
+    Vec::store_int(out + i, Vec::add(q_index(Vec::load(x + i), q), zp));
+  if (nvec < n) {
+    alignas(64) T buf[kLanes];
+    Vec::store_int(buf, Vec::add(q_index(load_tail(x + nvec, n - nvec), q), zp));
+    for (int64_t i = nvec; i < n; ++i) out[i] = buf[i - nvec];
+  }
+}
+
+void k_quant_u8(const float* x, int64_t n, const QParam* qp, uint8_t* out) {
+  quant_impl(x, n, qp, out);
+}
+void k_quant_u16(const float* x, int64_t n, const QParam* qp, uint16_t* out) {
+  quant_impl(x, n, qp, out);
+}
+
+// w = (q - zp) * scale; q - zp is an exact integer in float.
+template <class T>
+void dequant_impl(const T* c, int64_t n, const QParam* qp, float* out) {
+  const V zp = Vec::set1(qp->zp);
+  const V scale = Vec::set1(qp->scale);
+  const int64_t nvec = n - n % kLanes;
+  for (int64_t i = 0; i < nvec; i += kLanes)
+    Vec::store(out + i, Vec::mul(Vec::sub(Vec::load_int(c + i), zp), scale));
+  if (nvec < n) {
+    alignas(64) T in[kLanes];
+    alignas(64) float buf[kLanes];
+    for (int64_t i = 0; i < kLanes; ++i) in[i] = nvec + i < n ? c[nvec + i] : T(0);
+    Vec::store(buf, Vec::mul(Vec::sub(Vec::load_int(in), zp), scale));
+    for (int64_t i = nvec; i < n; ++i) out[i] = buf[i - nvec];
+  }
+}
+
+void k_dequant_u8(const uint8_t* c, int64_t n, const QParam* qp, float* out) {
+  dequant_impl(c, n, qp, out);
+}
+void k_dequant_u16(const uint16_t* c, int64_t n, const QParam* qp, float* out) {
+  dequant_impl(c, n, qp, out);
+}
+
+}  // namespace
+}  // namespace MIXQUANT_ISA_NS
+
+// The only symbol with linkage: this ISA's table.  It is constant-initialized
+// (an aggregate of function addresses), so no code compiled with this TU's
+// ISA flags runs at load time on a CPU that may lack the ISA.
+extern const KernelTable MIXQUANT_ISA_TABLE;
+const KernelTable MIXQUANT_ISA_TABLE = {
+    MIXQUANT_ISA_NAME,
+    &MIXQUANT_ISA_NS::k_minmax,
+    &MIXQUANT_ISA_NS::k_err_stats,
+    &MIXQUANT_ISA_NS::k_lp_err,
+    &MIXQUANT_ISA_NS::k_fake_quant,
+    &MIXQUANT_ISA_NS::k_quant_u8,
+    &MIXQUANT_ISA_NS::k_quant_u16,
+    &MIXQUANT_ISA_NS::k_dequant_u8,
+    &MIXQUANT_ISA_NS::k_dequant_u16,
+};
+
+}  // namespace mixquant

@@ -1,0 +1,458 @@
+// Drivers: parameter math, work partitioning, OpenMP, deterministic reductions.
+// Baseline ISA only; the per-ISA kernels are reached through the KernelTable.
+#include "ops.h"
+
+#include <cfloat>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "simd.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace mixquant {
+namespace {
+
+// Reductions split a group (a row, or the whole matrix for per-tensor
+// parameters) into fixed chunks whose size depends only on the group length,
+// never on the thread count or on timing.  Every chunk is reduced from zero by
+// one kernel call and the chunk results are combined in chunk order, so the
+// results are bit-identical for any num_threads.
+constexpr int64_t kMinChunk = 32768;   // multiple of every kernel's cache block
+constexpr int64_t kMaxChunks = 1024;   // bounds the partial-result buffer
+constexpr int64_t kElemChunk = 32768;  // elementwise kernels
+
+int64_t chunk_size(int64_t len) {
+  int64_t ch = (len + kMaxChunks - 1) / kMaxChunks;
+  if (ch < kMinChunk) ch = kMinChunk;
+  return (ch + kMinChunk - 1) / kMinChunk * kMinChunk;
+}
+
+int clamp_threads(int num_threads, int64_t work_items) {
+  int64_t nt = num_threads < 1 ? 1 : num_threads;
+  if (nt > 256) nt = 256;
+  if (nt > work_items) nt = work_items < 1 ? 1 : work_items;
+#ifndef _OPENMP
+  nt = 1;
+#endif
+  return static_cast<int>(nt);
+}
+
+inline int thread_id() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
+// Reduce G groups, group g being the L contiguous floats at x + g * L, into
+// R doubles per group (out[g * R .. g * R + R)).
+//   compute(g, ptr, n, slot, tid): reduce ptr[0..n) from scratch into slot[0..R)
+//   combine(acc, part): acc <- acc (+) part
+template <class Compute, class Combine>
+void reduce_groups(const float* x, int64_t G, int64_t L, int64_t R, int num_threads, double* out,
+                   const Compute& compute, const Combine& combine) {
+  const int64_t ch = chunk_size(L);
+  const int64_t nc = (L + ch - 1) / ch;
+  if (nc == 1 || G >= 2 * static_cast<int64_t>(num_threads)) {
+    // One thread per group, chunks in order.
+    const int nt = clamp_threads(num_threads, G);
+    std::vector<double> scratch(static_cast<size_t>(nt) * static_cast<size_t>(R));
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+#endif
+    for (int64_t g = 0; g < G; ++g) {
+      const int tid = thread_id();
+      double* acc = out + g * R;
+      double* part = scratch.data() + static_cast<int64_t>(tid) * R;
+      const float* base = x + g * L;
+      for (int64_t c = 0; c < nc; ++c) {
+        const int64_t off = c * ch;
+        const int64_t n = L - off < ch ? L - off : ch;
+        compute(g, base + off, n, c == 0 ? acc : part, tid);
+        if (c > 0) combine(acc, part);
+      }
+    }
+  } else {
+    // Few long groups: chunks in parallel, then an ordered combine.
+    const int64_t items = G * nc;
+    const int nt = clamp_threads(num_threads, items);
+    (void)nt;  // only read by the OpenMP pragma
+    std::vector<double> partial(static_cast<size_t>(items) * static_cast<size_t>(R));
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+#endif
+    for (int64_t it = 0; it < items; ++it) {
+      const int64_t g = it / nc, c = it % nc;
+      const int64_t off = c * ch;
+      const int64_t n = L - off < ch ? L - off : ch;
+      compute(g, x + g * L + off, n, partial.data() + it * R, thread_id());
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      double* acc = out + g * R;
+      std::memcpy(acc, partial.data() + g * nc * R, static_cast<size_t>(R) * sizeof(double));
+      for (int64_t c = 1; c < nc; ++c) combine(acc, partial.data() + (g * nc + c) * R);
+    }
+  }
+}
+
+// Elementwise over [C, K] rows in chunks; fn(row, col_offset, n).
+template <class Fn>
+void for_each_chunk(int64_t C, int64_t K, int num_threads, const Fn& fn) {
+  if (C == 0 || K == 0) return;
+  const int64_t nc = (K + kElemChunk - 1) / kElemChunk;
+  const int64_t items = C * nc;
+  const int nt = clamp_threads(num_threads, items);
+  (void)nt;  // only read by the OpenMP pragma
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nt) schedule(static)
+#endif
+  for (int64_t it = 0; it < items; ++it) {
+    const int64_t r = it / nc, off = (it % nc) * kElemChunk;
+    fn(r, off, K - off < kElemChunk ? K - off : kElemChunk);
+  }
+}
+
+inline double qmax_of(int bits) { return static_cast<double>((int64_t{1} << bits) - 1); }
+
+// float32 scale from a double, clamped to [FLT_MIN, FLT_MAX] (equivalent to
+// casting first and clamping after, without the out-of-range cast).
+inline float scale_to_f32(double s) {
+  if (!(s >= static_cast<double>(FLT_MIN))) return FLT_MIN;
+  if (s > static_cast<double>(FLT_MAX)) return FLT_MAX;
+  return static_cast<float>(s);
+}
+
+// Range scaling for the float accumulation of |e|^p (see QParam::escale).
+// Errors are O(scale); the ones that matter lie within scale * 2^[-24, 34]
+// (the upper end covers clipped values: qmax / min clip factor < 2^34).
+// When |e|^p over that span stays well inside the float range (always, for
+// ordinary weights) no scaling is done; otherwise errors are scaled by 2^-E,
+// E = ilogb(scale), and the sums multiplied back by 2^(p*E) in double.
+int range_exponent(float scale, double p) {
+  const int e = std::ilogb(scale);
+  if (p * (e - 24) > -100.0 && p * (e + 34) < 100.0) return 0;
+  return e;
+}
+
+// sum * 2^(p*E), exact when p*E is an integer.
+double unscale_sum(double sum, double p, int e) {
+  if (e == 0) return sum;
+  const double pe = p * static_cast<double>(e);
+  if (pe == std::floor(pe)) return std::ldexp(sum, static_cast<int>(pe));
+  return sum * std::exp2(pe);
+}
+
+inline QParam make_qparam(float scale, int32_t zero_point, int bits, int range_exp = 0) {
+  QParam q;
+  q.escale = std::ldexp(1.0f, -range_exp);  // exact power of two (subnormal for E = 127)
+  q.scale = scale;
+  q.inv = 1.0f / scale;  // torch: inv_scale = 1.0f / scale (float32)
+  q.zp = static_cast<float>(zero_point);
+  q.tlo = -q.zp;
+  q.thi = static_cast<float>(qmax_of(bits)) - q.zp;
+  return q;
+}
+
+std::vector<QParam> make_qparams(const float* scale, const int32_t* zero_point, int64_t S,
+                                 int bits) {
+  std::vector<QParam> q(static_cast<size_t>(S));
+  for (int64_t s = 0; s < S; ++s) q[s] = make_qparam(scale[s], zero_point[s], bits);
+  return q;
+}
+
+}  // namespace
+
+bool openmp_enabled() {
+#ifdef _OPENMP
+  return true;
+#else
+  return false;
+#endif
+}
+
+// Quantization parameters from a raw range (lo, hi); zero is included first:
+// lo' = min(lo, 0), hi' = max(hi, 0).
+//  asymmetric: scale = f32((hi' - lo') / qmax) computed in double, clamped to
+//              [FLT_MIN, FLT_MAX]; zp = clamp(nearbyint(-lo' / scale), 0, qmax)
+//              in double (round half to even).
+//  symmetric:  scale = f32(max(-lo', hi') * 2 / qmax), zp = 2^(bits-1)
+//              (torch.ao's quint8 symmetric convention).
+//  all-zero range: scale = 1, zp as above.
+void qparams_one(float lo, float hi, int bits, bool symmetric, float* scale, int32_t* zero_point) {
+  const double qmax = qmax_of(bits);
+  const float lo0 = lo < 0.0f ? lo : 0.0f;
+  const float hi0 = hi > 0.0f ? hi : 0.0f;
+  if (symmetric) {
+    const float amax = -lo0 > hi0 ? -lo0 : hi0;
+    *zero_point = static_cast<int32_t>(int64_t{1} << (bits - 1));
+    *scale = amax == 0.0f ? 1.0f : scale_to_f32(static_cast<double>(amax) * 2.0 / qmax);
+    return;
+  }
+  const double range = static_cast<double>(hi0) - static_cast<double>(lo0);
+  if (range == 0.0) {
+    *scale = 1.0f;
+    *zero_point = 0;
+    return;
+  }
+  const float s = scale_to_f32(range / qmax);
+  double z = std::nearbyint(-static_cast<double>(lo0) / static_cast<double>(s));
+  z = z < 0.0 ? 0.0 : (z > qmax ? qmax : z);
+  *scale = s;
+  *zero_point = static_cast<int32_t>(z);
+}
+
+void qparams(const float* lo, const float* hi, int64_t n, int bits, bool symmetric, float* scale,
+             int32_t* zero_point) {
+  for (int64_t i = 0; i < n; ++i) qparams_one(lo[i], hi[i], bits, symmetric, scale + i, zero_point + i);
+}
+
+void channel_minmax(const float* w, int64_t C, int64_t K, int num_threads, float* lo, float* hi,
+                    int64_t* n_nonfinite) {
+  const KernelTable* t = current_table();
+  std::vector<double> res(static_cast<size_t>(C) * 3);
+  // Slot: lo, hi, count (all exact in double).
+  auto compute = [t](int64_t, const float* x, int64_t n, double* slot, int) {
+    float l, h;
+    int64_t bad;
+    t->minmax(x, n, &l, &h, &bad);
+    slot[0] = l;
+    slot[1] = h;
+    slot[2] = static_cast<double>(bad);
+  };
+  auto combine = [](double* acc, const double* part) {
+    acc[0] = part[0] < acc[0] ? part[0] : acc[0];
+    acc[1] = part[1] > acc[1] ? part[1] : acc[1];
+    acc[2] += part[2];
+  };
+  reduce_groups(w, C, K, 3, num_threads, res.data(), compute, combine);
+  int64_t bad = 0;
+  for (int64_t c = 0; c < C; ++c) {
+    const double l = res[c * 3], h = res[c * 3 + 1];
+    // A row without any finite value reports (0, 0).
+    const bool none = l > h;
+    lo[c] = none ? 0.0f : static_cast<float>(l);
+    hi[c] = none ? 0.0f : static_cast<float>(h);
+    bad += static_cast<int64_t>(res[c * 3 + 2]);
+  }
+  *n_nonfinite = bad;
+}
+
+void error_table(const float* w, int64_t C, int64_t K, const float* scale, const int32_t* zero_point,
+                 int64_t S, const int32_t* bits, int64_t B, int num_threads, double* sse,
+                 float* max_abs) {
+  const KernelTable* t = current_table();
+  // qp[s * B + b]: the B parameter sets of row s are contiguous.
+  std::vector<QParam> qp(static_cast<size_t>(S * B));
+  std::vector<int> rexp(static_cast<size_t>(S * B));
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t s = 0; s < S; ++s) {
+      const int e = range_exponent(scale[b * S + s], 2.0);
+      rexp[s * B + b] = e;
+      qp[s * B + b] = make_qparam(scale[b * S + s], zero_point[b * S + s], bits[b], e);
+    }
+  const int nt = clamp_threads(num_threads, C * ((K + kMinChunk - 1) / kMinChunk));
+  std::vector<float> mx(static_cast<size_t>(nt) * static_cast<size_t>(B));
+  std::vector<double> res(static_cast<size_t>(C) * static_cast<size_t>(2 * B));
+  // Slot: B sums of squares, then B max |e| (floats are exact in double).
+  auto compute = [&](int64_t g, const float* x, int64_t n, double* slot, int tid) {
+    float* m = mx.data() + static_cast<int64_t>(tid) * B;
+    t->err_stats(x, n, qp.data() + (S == 1 ? 0 : g) * B, B, slot, m);
+    for (int64_t b = 0; b < B; ++b) slot[B + b] = m[b];
+  };
+  auto combine = [B](double* acc, const double* part) {
+    for (int64_t b = 0; b < B; ++b) acc[b] += part[b];
+    for (int64_t b = B; b < 2 * B; ++b) acc[b] = part[b] > acc[b] ? part[b] : acc[b];
+  };
+  reduce_groups(w, C, K, 2 * B, nt, res.data(), compute, combine);
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t b = 0; b < B; ++b) {
+      sse[b * C + c] = unscale_sum(res[c * 2 * B + b], 2.0, rexp[(S == 1 ? 0 : c) * B + b]);
+      max_abs[b * C + c] = static_cast<float>(res[c * 2 * B + B + b]);
+    }
+}
+
+namespace {
+
+// Candidate i of the clipping grid: the range shrunk by factor 1 - i * step.
+void candidate_qparams(float lo, float hi, int bits, bool symmetric, int64_t i, double step,
+                       float* scale, int32_t* zero_point) {
+  const double factor = 1.0 - static_cast<double>(i) * step;
+  const float lo0 = lo < 0.0f ? lo : 0.0f;
+  const float hi0 = hi > 0.0f ? hi : 0.0f;
+  const float lo_i = static_cast<float>(static_cast<double>(lo0) * factor);
+  const float hi_i = static_cast<float>(static_cast<double>(hi0) * factor);
+  qparams_one(lo_i, hi_i, bits, symmetric, scale, zero_point);
+}
+
+}  // namespace
+
+void clip_search(const float* w, int64_t C, int64_t K, const float* lo, const float* hi, int64_t S,
+                 const int32_t* bits, int64_t B, bool symmetric, int64_t n_grid, double step,
+                 double p, int num_threads, int32_t* best_index, float* scale,
+                 int32_t* zero_point, double* lp_err) {
+  const KernelTable* t = current_table();
+  const int64_t M = B * n_grid;  // candidates per group, index b * n_grid + i
+  // Groups: the rows (per-channel) or the whole matrix (per-tensor).
+  const int64_t G = S;
+  const int64_t L = S == 1 ? C * K : K;
+  const int nt = clamp_threads(num_threads, G * ((L + kMinChunk - 1) / kMinChunk));
+  // Per-thread candidate parameters, rebuilt per work item (cheap next to
+  // the M * n evaluations that follow).
+  std::vector<QParam> qp(static_cast<size_t>(nt) * static_cast<size_t>(M));
+  std::vector<double> err(static_cast<size_t>(G) * static_cast<size_t>(M));
+  auto compute = [&](int64_t g, const float* x, int64_t n, double* slot, int tid) {
+    QParam* q = qp.data() + static_cast<int64_t>(tid) * M;
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t i = 0; i < n_grid; ++i) {
+        float s;
+        int32_t z;
+        candidate_qparams(lo[g], hi[g], bits[b], symmetric, i, step, &s, &z);
+        q[b * n_grid + i] = make_qparam(s, z, bits[b], range_exponent(s, p));
+      }
+    t->lp_err(x, n, q, M, p, slot);
+  };
+  auto combine = [M](double* acc, const double* part) {
+    for (int64_t j = 0; j < M; ++j) acc[j] += part[j];
+  };
+  reduce_groups(w, G, L, M, nt, err.data(), compute, combine);
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t b = 0; b < B; ++b) {
+      double* e = err.data() + g * M + b * n_grid;
+      float s;
+      int32_t z;
+      for (int64_t i = 0; i < n_grid; ++i) {
+        candidate_qparams(lo[g], hi[g], bits[b], symmetric, i, step, &s, &z);
+        e[i] = unscale_sum(e[i], p, range_exponent(s, p));
+      }
+      int64_t best = 0;
+      for (int64_t i = 1; i < n_grid; ++i)
+        if (e[i] < e[best]) best = i;  // ties keep the lowest index
+      candidate_qparams(lo[g], hi[g], bits[b], symmetric, best, step, &s, &z);
+      best_index[b * S + g] = static_cast<int32_t>(best);
+      scale[b * S + g] = s;
+      zero_point[b * S + g] = z;
+      lp_err[b * S + g] = e[best];
+    }
+}
+
+void fake_quantize(const float* w, int64_t C, int64_t K, const float* scale,
+                   const int32_t* zero_point, int64_t S, int bits, int num_threads, float* out) {
+  const KernelTable* t = current_table();
+  const std::vector<QParam> qp = make_qparams(scale, zero_point, S, bits);
+  for_each_chunk(C, K, num_threads, [&](int64_t r, int64_t off, int64_t n) {
+    t->fake_quant(w + r * K + off, n, &qp[S == 1 ? 0 : r], out + r * K + off);
+  });
+}
+
+void quantize(const float* w, int64_t C, int64_t K, const float* scale, const int32_t* zero_point,
+              int64_t S, int bits, int num_threads, uint8_t* out) {
+  const KernelTable* t = current_table();
+  const std::vector<QParam> qp = make_qparams(scale, zero_point, S, bits);
+  for_each_chunk(C, K, num_threads, [&](int64_t r, int64_t off, int64_t n) {
+    t->quant_u8(w + r * K + off, n, &qp[S == 1 ? 0 : r], out + r * K + off);
+  });
+}
+
+void quantize(const float* w, int64_t C, int64_t K, const float* scale, const int32_t* zero_point,
+              int64_t S, int bits, int num_threads, uint16_t* out) {
+  const KernelTable* t = current_table();
+  const std::vector<QParam> qp = make_qparams(scale, zero_point, S, bits);
+  for_each_chunk(C, K, num_threads, [&](int64_t r, int64_t off, int64_t n) {
+    t->quant_u16(w + r * K + off, n, &qp[S == 1 ? 0 : r], out + r * K + off);
+  });
+}
+
+void dequantize(const uint8_t* codes, int64_t C, int64_t K, const float* scale,
+                const int32_t* zero_point, int64_t S, int bits, int num_threads, float* out) {
+  const KernelTable* t = current_table();
+  const std::vector<QParam> qp = make_qparams(scale, zero_point, S, bits);
+  for_each_chunk(C, K, num_threads, [&](int64_t r, int64_t off, int64_t n) {
+    t->dequant_u8(codes + r * K + off, n, &qp[S == 1 ? 0 : r], out + r * K + off);
+  });
+}
+
+void dequantize(const uint16_t* codes, int64_t C, int64_t K, const float* scale,
+                const int32_t* zero_point, int64_t S, int bits, int num_threads, float* out) {
+  const KernelTable* t = current_table();
+  const std::vector<QParam> qp = make_qparams(scale, zero_point, S, bits);
+  for_each_chunk(C, K, num_threads, [&](int64_t r, int64_t off, int64_t n) {
+    t->dequant_u16(codes + r * K + off, n, &qp[S == 1 ? 0 : r], out + r * K + off);
+  });
+}
+
+namespace {
+
+template <class T>
+uint32_t max_code_impl(const T* c, int64_t n) {
+  T m = 0;
+  for (int64_t i = 0; i < n; ++i) m = c[i] > m ? c[i] : m;
+  return m;
+}
+
+template <class T>
+bool pack_impl(const T* codes, int64_t n, int bits, uint8_t* out) {
+  const uint32_t limit = uint32_t{1} << bits;
+  uint32_t over = 0;
+  uint64_t acc = 0;
+  int nb = 0;
+  int64_t o = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t v = codes[i];
+    over |= v >= limit ? 1u : 0u;
+    acc |= static_cast<uint64_t>(v & (limit - 1)) << nb;
+    nb += bits;
+    while (nb >= 8) {
+      out[o++] = static_cast<uint8_t>(acc);
+      acc >>= 8;
+      nb -= 8;
+    }
+  }
+  if (nb > 0) out[o] = static_cast<uint8_t>(acc);
+  return over == 0;
+}
+
+template <class T>
+void unpack_impl(const uint8_t* packed, int64_t n, int bits, T* out) {
+  const uint64_t mask = (uint64_t{1} << bits) - 1;
+  uint64_t acc = 0;
+  int nb = 0;
+  int64_t ip = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    while (nb < bits) {
+      acc |= static_cast<uint64_t>(packed[ip++]) << nb;
+      nb += 8;
+    }
+    out[i] = static_cast<T>(acc & mask);
+    acc >>= bits;
+    nb -= bits;
+  }
+}
+
+}  // namespace
+
+uint32_t max_code(const uint8_t* codes, int64_t n) { return max_code_impl(codes, n); }
+uint32_t max_code(const uint16_t* codes, int64_t n) { return max_code_impl(codes, n); }
+
+int64_t packed_bytes(int64_t n, int bits) {
+  return static_cast<int64_t>((static_cast<uint64_t>(n) * static_cast<uint64_t>(bits) + 7) / 8);
+}
+
+bool pack_bits(const uint8_t* codes, int64_t n, int bits, uint8_t* out) {
+  return pack_impl(codes, n, bits, out);
+}
+bool pack_bits(const uint16_t* codes, int64_t n, int bits, uint8_t* out) {
+  return pack_impl(codes, n, bits, out);
+}
+void unpack_bits(const uint8_t* packed, int64_t n, int bits, uint8_t* out) {
+  unpack_impl(packed, n, bits, out);
+}
+void unpack_bits(const uint8_t* packed, int64_t n, int bits, uint16_t* out) {
+  unpack_impl(packed, n, bits, out);
+}
+
+}  // namespace mixquant

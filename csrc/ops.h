@@ -1,0 +1,58 @@
+// The C++ core API: raw pointers, 64-bit sizes, explicit thread counts.
+// All arguments are assumed validated (see bindings.cpp); matrices are
+// row-major [C, K] (row = output channel).  S is 1 (per-tensor parameters)
+// or C (per-channel).
+#pragma once
+
+#include <cstdint>
+
+namespace mixquant {
+
+bool openmp_enabled();
+
+// scale/zero_point from a raw range (semantics documented in ops.cpp).
+void qparams_one(float lo, float hi, int bits, bool symmetric, float* scale, int32_t* zero_point);
+
+void channel_minmax(const float* w, int64_t C, int64_t K, int num_threads, float* lo, float* hi,
+                    int64_t* n_nonfinite);
+
+void qparams(const float* lo, const float* hi, int64_t n, int bits, bool symmetric, float* scale,
+             int32_t* zero_point);
+
+// scale/zero_point: [B, S]; sse/max_abs: [B, C].
+void error_table(const float* w, int64_t C, int64_t K, const float* scale, const int32_t* zero_point,
+                 int64_t S, const int32_t* bits, int64_t B, int num_threads, double* sse,
+                 float* max_abs);
+
+// lo/hi: [S]; outputs: [B, S].
+void clip_search(const float* w, int64_t C, int64_t K, const float* lo, const float* hi, int64_t S,
+                 const int32_t* bits, int64_t B, bool symmetric, int64_t n_grid, double step,
+                 double p, int num_threads, int32_t* best_index, float* scale,
+                 int32_t* zero_point, double* lp_err);
+
+void fake_quantize(const float* w, int64_t C, int64_t K, const float* scale,
+                   const int32_t* zero_point, int64_t S, int bits, int num_threads, float* out);
+void quantize(const float* w, int64_t C, int64_t K, const float* scale, const int32_t* zero_point,
+              int64_t S, int bits, int num_threads, uint8_t* out);
+void quantize(const float* w, int64_t C, int64_t K, const float* scale, const int32_t* zero_point,
+              int64_t S, int bits, int num_threads, uint16_t* out);
+void dequantize(const uint8_t* codes, int64_t C, int64_t K, const float* scale,
+                const int32_t* zero_point, int64_t S, int bits, int num_threads, float* out);
+void dequantize(const uint16_t* codes, int64_t C, int64_t K, const float* scale,
+                const int32_t* zero_point, int64_t S, int bits, int num_threads, float* out);
+
+// Largest code in the array (used to validate codes against 2^bits - 1).
+uint32_t max_code(const uint8_t* codes, int64_t n);
+uint32_t max_code(const uint16_t* codes, int64_t n);
+
+// LSB-first bit stream: code j occupies bits [j*b, (j+1)*b) of the
+// little-endian stream.  packed_bytes(n, b) = ceil(n * b / 8).
+int64_t packed_bytes(int64_t n, int bits);
+// Return false (and leave out partially written) if a code is >= 2^bits.
+bool pack_bits(const uint8_t* codes, int64_t n, int bits, uint8_t* out);
+bool pack_bits(const uint16_t* codes, int64_t n, int bits, uint8_t* out);
+// `packed` must hold at least packed_bytes(n, bits) bytes.
+void unpack_bits(const uint8_t* packed, int64_t n, int bits, uint8_t* out);
+void unpack_bits(const uint8_t* packed, int64_t n, int bits, uint16_t* out);
+
+}  // namespace mixquant

@@ -1,0 +1,74 @@
+// Shared declarations between the baseline code and the per-ISA kernel files.
+//
+// This header is included by translation units compiled with different ISA
+// flags (baseline, -mavx2, -mavx512*).  It therefore must only contain plain
+// data types and declarations: no inline function bodies, no templates with
+// code.  An inline function defined here would be emitted as a COMDAT in
+// every TU and the linker could keep the AVX-512 copy for baseline callers
+// (the "bitsandbytes trap").
+#pragma once
+
+#include <cstdint>
+
+namespace mixquant {
+
+enum class SimdLevel : int { Scalar = 0, AVX2 = 1, AVX512 = 2 };
+
+// Quantization parameters of one (scale, zero_point, bits) triple, already
+// converted to the form the kernels use.  With r = nearbyint(w * inv):
+//   w_hat = clamp(r, tlo, thi) * scale,  tlo = -zp, thi = qmax - zp
+//   code  = clamp(r, tlo, thi) + zp
+// which is bit-identical to torch's (clamp(r + zp, 0, qmax) - zp) * scale
+// (see kernels_impl.h for the argument).
+struct QParam {
+  float inv;    // 1.0f / scale, float32 division (torch's formula)
+  float scale;
+  float tlo;    // -zero_point
+  float thi;    // qmax - zero_point
+  float zp;     // zero_point as float (exact, <= 65535)
+  // 1, or an exact power of two 2^-E: errors are multiplied by it before
+  // e^2 / |e|^p is accumulated in float, so that tiny (1e-30) or huge (1e30)
+  // weights neither underflow nor overflow; the drivers multiply the sums
+  // back by 2^(p*E).  Max |e| is never scaled.
+  float escale;
+};
+
+// One table per SIMD level.  All functions are single-threaded and work on a
+// contiguous range of n elements; threading lives in the baseline drivers.
+struct KernelTable {
+  const char* name;
+  // lo/hi over finite values (lo = +inf, hi = -inf if none), count of NaN/Inf.
+  void (*minmax)(const float* x, int64_t n, float* lo, float* hi, int64_t* nonfinite);
+  // For each of m parameter sets: sse[j] = sum e^2 (double), maxabs[j] = max |e|.
+  void (*err_stats)(const float* x, int64_t n, const QParam* qp, int64_t m,
+                    double* sse, float* maxabs);
+  // For each of m parameter sets: out[j] = sum |e|^p (double); p > 0.
+  void (*lp_err)(const float* x, int64_t n, const QParam* qp, int64_t m, double p,
+                 double* out);
+  void (*fake_quant)(const float* x, int64_t n, const QParam* qp, float* out);
+  void (*quant_u8)(const float* x, int64_t n, const QParam* qp, uint8_t* out);
+  void (*quant_u16)(const float* x, int64_t n, const QParam* qp, uint16_t* out);
+  void (*dequant_u8)(const uint8_t* q, int64_t n, const QParam* qp, float* out);
+  void (*dequant_u16)(const uint16_t* q, int64_t n, const QParam* qp, float* out);
+};
+
+// Defined in kernels_<isa>.cpp (only the ones CMake compiled).
+extern const KernelTable kTableScalar;
+#ifdef MIXQUANT_HAVE_AVX2
+extern const KernelTable kTableAvx2;
+#endif
+#ifdef MIXQUANT_HAVE_AVX512
+extern const KernelTable kTableAvx512;
+#endif
+
+// dispatch.cpp (baseline ISA).
+const char* simd_level_name(SimdLevel level);
+bool parse_simd_level(const char* name, SimdLevel* out);
+bool simd_level_supported(SimdLevel level);   // compiled in and runnable on this CPU
+SimdLevel best_simd_level();
+SimdLevel current_simd_level();
+bool set_simd_level(SimdLevel level);         // false if unsupported
+void init_simd_from_env();                    // reads MIXQUANT_SIMD once at import
+const KernelTable* current_table();
+
+}  // namespace mixquant

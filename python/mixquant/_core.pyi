@@ -1,0 +1,80 @@
+"""Type stubs for the native module ``mixquant._core`` (kept in sync by tests/test_core_binding.py).
+
+All matrices are 2-D ``[C, K]`` with one output channel per row.  ``S`` is 1
+(per-tensor parameters) or ``C`` (per-channel).  Float inputs are converted
+to C-contiguous float32 (zero copy when they already are); invalid shapes,
+dtypes or ranges raise ``ValueError`` naming the argument.
+"""
+
+from typing import Sequence, Union
+
+import numpy as np
+import numpy.typing as npt
+
+_F32 = npt.NDArray[np.float32]
+_F64 = npt.NDArray[np.float64]
+_I32 = npt.NDArray[np.int32]
+_U8 = npt.NDArray[np.uint8]
+_Codes = Union[npt.NDArray[np.uint8], npt.NDArray[np.uint16]]
+_Bits = Union[Sequence[int], npt.NDArray[np.integer]]
+
+def simd_level() -> str:
+    """Name of the SIMD level in use: ``"scalar"``, ``"avx2"`` or ``"avx512"``."""
+
+def supported_simd_levels() -> list[str]:
+    """SIMD levels this CPU and build can run, in the order scalar, avx2, avx512."""
+
+def set_simd_level(name: str) -> None:
+    """Switch the SIMD level for all later calls; ``ValueError`` if unknown or unsupported."""
+
+def has_openmp() -> bool:
+    """Whether the core was built with OpenMP (otherwise ``num_threads`` is ignored)."""
+
+def channel_minmax(w: npt.ArrayLike, num_threads: int) -> tuple[_F32, _F32, int]:
+    """Per-row ``(lo[C], hi[C], n_nonfinite)`` over finite values; rows without any finite value give (0, 0)."""
+
+def qparams(lo: npt.ArrayLike, hi: npt.ArrayLike, bits: int, symmetric: bool) -> tuple[_F32, _I32]:
+    """``(scale[n] float32, zero_point[n] int32)`` from finite ranges after including zero (asymmetric or torch quint8 symmetric)."""
+
+def error_table(
+    w: npt.ArrayLike,
+    scale: npt.ArrayLike,
+    zero_point: npt.ArrayLike,
+    bits: _Bits,
+    num_threads: int,
+) -> tuple[_F64, _F32]:
+    """One fused pass: ``(sse[B, C] float64, max_abs[B, C] float32)`` of ``w - fake_quantize(w)`` for ``scale/zero_point[B, S]``, ``bits[B]``."""
+
+def clip_search(
+    w: npt.ArrayLike,
+    lo: npt.ArrayLike,
+    hi: npt.ArrayLike,
+    bits: _Bits,
+    symmetric: bool,
+    n_grid: int,
+    step: float,
+    p: float,
+    num_threads: int,
+) -> tuple[_I32, _F32, _I32, _F64]:
+    """Grid search over range factors ``1 - i*step`` minimising ``sum |e|**p``: ``(best_index, scale, zero_point, lp_err)``, each ``[B, S]``."""
+
+def fake_quantize(
+    w: npt.ArrayLike, scale: npt.ArrayLike, zero_point: npt.ArrayLike, bits: int, num_threads: int
+) -> _F32:
+    """``(clamp(nearbyint(w / scale) + zp, 0, 2**bits - 1) - zp) * scale``, bit-identical to torch.fake_quantize_*_affine."""
+
+def quantize(
+    w: npt.ArrayLike, scale: npt.ArrayLike, zero_point: npt.ArrayLike, bits: int, num_threads: int
+) -> _Codes:
+    """Integer codes ``clamp(nearbyint(w / scale) + zp, 0, 2**bits - 1)``: uint8 when ``bits <= 8``, else uint16."""
+
+def dequantize(
+    codes: _Codes, scale: npt.ArrayLike, zero_point: npt.ArrayLike, bits: int, num_threads: int
+) -> _F32:
+    """``(codes - zero_point) * scale`` as float32 ``[C, K]``; codes above ``2**bits - 1`` raise ``ValueError``."""
+
+def pack_bits(codes: _Codes, bits: int) -> _U8:
+    """Pack 1-D codes LSB-first (code j in bits ``[j*bits, (j+1)*bits)``) into ``uint8[ceil(n*bits/8)]``."""
+
+def unpack_bits(packed: _U8, bits: int, n: int) -> _Codes:
+    """Unpack ``n`` codes from an LSB-first bit stream: uint8 when ``bits <= 8``, else uint16."""

@@ -1,0 +1,477 @@
+"""Direct tests of the native module ``mixquant._core``.
+
+Every kernel is checked on every SIMD level this machine can run against
+small, independent numpy / torch computations written here (the package's
+own reference module is tested against the kernels elsewhere).
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mixquant import _core
+
+LEVELS = _core.supported_simd_levels()
+FLT_MIN = np.finfo(np.float32).tiny
+FLT_MAX = np.finfo(np.float32).max
+
+
+@pytest.fixture(params=LEVELS)
+def level(request: pytest.FixtureRequest):
+    """Run the test with each supported SIMD level in turn, then restore."""
+    before = _core.simd_level()
+    _core.set_simd_level(request.param)
+    try:
+        yield request.param
+    finally:
+        _core.set_simd_level(before)
+
+
+def rand_w(c: int, k: int, seed: int = 0, scale: float = 1.0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((c, k)).astype(np.float32) * np.float32(scale)
+    if c > 1:
+        w[1] *= np.float32(5.0)  # rows with different ranges
+    return w
+
+
+# ------------------------------------------------------------- references ----
+def _f32_scale(d: float) -> np.float32:
+    # cast to float32 and clamp to [FLT_MIN, FLT_MAX] (clamping the double first is equivalent)
+    return np.float32(min(max(d, float(FLT_MIN)), float(FLT_MAX)))
+
+
+def ref_qparams(lo: float, hi: float, bits: int, symmetric: bool) -> tuple[np.float32, int]:
+    qmax = 2**bits - 1
+    lo = min(np.float32(lo), np.float32(0.0))
+    hi = max(np.float32(hi), np.float32(0.0))
+    if symmetric:
+        amax = max(-lo, hi)
+        zp = 2 ** (bits - 1)
+        if amax == 0:
+            return np.float32(1.0), zp
+        return _f32_scale(float(amax) * 2.0 / qmax), zp
+    if float(hi) - float(lo) == 0.0:
+        return np.float32(1.0), 0
+    s = _f32_scale((float(hi) - float(lo)) / qmax)
+    zp = int(np.clip(np.rint(-float(lo) / float(s)), 0, qmax))
+    return s, zp
+
+
+def ref_fake(w: np.ndarray, scale, zp, bits: int) -> np.ndarray:
+    """torch's fake-quant formula in float32 numpy; scale/zp broadcast over rows."""
+    scale = np.asarray(scale, np.float32).reshape(-1, 1)
+    zpf = np.asarray(zp, np.float32).reshape(-1, 1)
+    inv = np.float32(1.0) / scale
+    q = np.clip(np.rint(w * inv) + zpf, np.float32(0), np.float32(2**bits - 1))
+    return ((q - zpf) * scale).astype(np.float32)
+
+
+def torch_fake(w: np.ndarray, scale, zp, bits: int) -> np.ndarray:
+    c = w.shape[0]
+    s = torch.as_tensor(np.broadcast_to(np.asarray(scale, np.float32), (c,)).copy())
+    z = torch.as_tensor(np.broadcast_to(np.asarray(zp, np.int32), (c,)).copy())
+    out = torch.fake_quantize_per_channel_affine(torch.from_numpy(w), s, z, 0, 0, 2**bits - 1)
+    return out.numpy()
+
+
+def lp_sum(e: np.ndarray, p: float) -> float:
+    return float(torch.from_numpy(np.abs(e)).double().pow(p).sum())
+
+
+# ----------------------------------------------------------------- dispatch --
+def test_levels_and_openmp() -> None:
+    assert LEVELS[0] == "scalar"
+    assert LEVELS == [lv for lv in ("scalar", "avx2", "avx512") if lv in LEVELS]
+    assert _core.simd_level() in LEVELS
+    assert isinstance(_core.has_openmp(), bool)
+    with pytest.raises(ValueError, match="SIMD level"):
+        _core.set_simd_level("sse9")
+
+
+def _core_path() -> str:
+    return _core.__file__
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [("scalar", "scalar"), ("avx2", "avx2"), ("AVX512", "avx512"), ("bogus", "best"), ("", "best")],
+)
+def test_env_var_caps_level(env: str, expected: str) -> None:
+    # Load the extension by path so the subprocess does not import torch.
+    code = (
+        "import importlib.machinery, importlib.util, sys\n"
+        f"loader = importlib.machinery.ExtensionFileLoader('mixquant._core', {_core_path()!r})\n"
+        "spec = importlib.util.spec_from_loader('mixquant._core', loader)\n"
+        "m = importlib.util.module_from_spec(spec); loader.exec_module(m)\n"
+        "print(m.simd_level())\n"
+    )
+    envd = dict(os.environ, MIXQUANT_SIMD=env)
+    out = subprocess.run([sys.executable, "-c", code], env=envd, capture_output=True, text=True, check=True)
+    got = out.stdout.strip()
+    if expected == "best":
+        assert got == LEVELS[-1]
+    else:
+        order = ["scalar", "avx2", "avx512"]
+        want = max((lv for lv in LEVELS if order.index(lv) <= order.index(expected)), key=order.index)
+        assert got == want
+
+
+def test_pyi_matches_module() -> None:
+    pyi = Path(_core.__file__).parent / "_core.pyi"
+    if not pyi.exists():  # editable installs keep the .pyi in the source tree
+        pyi = Path(__file__).resolve().parents[1] / "python" / "mixquant" / "_core.pyi"
+    tree = ast.parse(pyi.read_text())
+    stubbed = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+    public = {n for n in dir(_core) if not n.startswith("_")}
+    assert stubbed == public
+
+
+# ------------------------------------------------------------------ minmax ---
+def test_channel_minmax(level: str) -> None:
+    w = rand_w(5, 1003)
+    w[2, 7] = np.nan
+    w[3, 0] = np.inf
+    w[3, 1] = -np.inf
+    w[4, :] = np.nan
+    lo, hi, bad = _core.channel_minmax(w, 2)
+    assert bad == 1 + 2 + 1003
+    fin = np.where(np.isfinite(w), w, np.nan)
+    np.testing.assert_array_equal(lo[:4], np.nanmin(fin[:4], axis=1))
+    np.testing.assert_array_equal(hi[:4], np.nanmax(fin[:4], axis=1))
+    assert lo[4] == 0 and hi[4] == 0  # no finite value
+    assert lo.dtype == np.float32 and hi.dtype == np.float32
+
+
+def test_channel_minmax_long_row_chunks(level: str) -> None:
+    w = rand_w(1, 100_001, seed=3)
+    lo, hi, bad = _core.channel_minmax(w, 2)
+    assert bad == 0 and lo[0] == w.min() and hi[0] == w.max()
+
+
+# ----------------------------------------------------------------- qparams ---
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("bits", [1, 2, 4, 8, 13, 16])
+def test_qparams(symmetric: bool, bits: int) -> None:
+    lo = np.array([-1.0, 0.0, 0.0, 0.5, -3.0, -1e-30, -1e38, -0.3], np.float32)
+    hi = np.array([2.0, 0.0, 1.5, 2.0, -1.0, 1e-30, 3e38, 0.7], np.float32)
+    s, z = _core.qparams(lo, hi, bits, symmetric)
+    assert s.dtype == np.float32 and z.dtype == np.int32
+    for i in range(lo.size):
+        rs, rz = ref_qparams(lo[i], hi[i], bits, symmetric)
+        assert s[i] == rs, (i, s[i], rs)
+        assert z[i] == rz, (i, z[i], rz)
+
+
+def test_qparams_examples() -> None:
+    lo = np.array([-2.5, -3.5, 0.0, -1.0], np.float32)
+    hi = np.array([252.5, 251.5, 0.0, 1.0], np.float32)
+    s, z = _core.qparams(lo, hi, 8, False)
+    assert (s[:2] == 1.0).all() and z[0] == 2 and z[1] == 4  # 2.5 -> 2, 3.5 -> 4 (half to even)
+    assert s[2] == 1.0 and z[2] == 0  # zero range
+    assert s[3] == np.float32(2.0 / 255) and z[3] == 127  # 1 / f32(2/255) = 127.49999...
+    s, z = _core.qparams(np.array([-1.0, 0.0], np.float32), np.array([0.5, 0.0], np.float32), 8, True)
+    assert s[0] == np.float32(2.0 / 255) and z[0] == 128
+    assert s[1] == 1.0 and z[1] == 128
+    s, z = _core.qparams(np.array([-1.0], np.float32), np.array([1.0], np.float32), 1, True)
+    assert z[0] == 1 and s[0] == 2.0
+
+
+# ------------------------------------------------------------ fake quantize --
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("shape", [(4, 1), (3, 7), (5, 257), (1, 5000)])
+def test_fake_quantize_matches_torch(level: str, bits: int, shape: tuple[int, int]) -> None:
+    w = rand_w(*shape, seed=bits)
+    lo, hi, _ = _core.channel_minmax(w, 1)
+    lo = lo * np.float32(0.7)  # clip part of the range so clamping is exercised
+    for symmetric in (False, True):
+        s, z = _core.qparams(lo, hi, bits, symmetric)
+        got = _core.fake_quantize(w, s, z, bits, 2)
+        np.testing.assert_array_equal(got, torch_fake(w, s, z, bits))
+        # per-tensor
+        got1 = _core.fake_quantize(w, s[:1], z[:1], bits, 2)
+        ref1 = torch.fake_quantize_per_tensor_affine(
+            torch.from_numpy(w), float(s[0]), int(z[0]), 0, 2**bits - 1
+        ).numpy()
+        np.testing.assert_array_equal(got1, ref1)
+
+
+@pytest.mark.parametrize("bits", [1, 9, 12, 16])
+def test_fake_quantize_high_bits(level: str, bits: int) -> None:
+    w = rand_w(3, 1001, seed=bits)
+    lo, hi, _ = _core.channel_minmax(w, 1)
+    s, z = _core.qparams(lo, hi, bits, False)
+    np.testing.assert_array_equal(_core.fake_quantize(w, s, z, bits, 1), ref_fake(w, s, z, bits))
+
+
+def test_fake_quantize_half_even_ties(level: str) -> None:
+    w = np.array([[0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.5, 0.49999997] * 3], np.float32)
+    s = np.array([1.0], np.float32)
+    z = np.array([8], np.int32)
+    got = _core.fake_quantize(w, s, z, 4, 1)
+    np.testing.assert_array_equal(got, np.rint(w))
+    np.testing.assert_array_equal(got, torch_fake(w, s, z, 4))
+
+
+# --------------------------------------------------------- quantize round trip
+@pytest.mark.parametrize("bits", [1, 3, 8, 9, 16])
+def test_quantize_dequantize_round_trip(level: str, bits: int) -> None:
+    w = rand_w(6, 333, seed=bits)
+    lo, hi, _ = _core.channel_minmax(w, 2)
+    s, z = _core.qparams(lo, hi, bits, bits > 1)
+    codes = _core.quantize(w, s, z, bits, 2)
+    assert codes.dtype == (np.uint8 if bits <= 8 else np.uint16)
+    assert codes.shape == w.shape and int(codes.max()) <= 2**bits - 1
+    inv = np.float32(1.0) / s.reshape(-1, 1)
+    ref = np.clip(np.rint(w * inv) + z.reshape(-1, 1).astype(np.float32), 0, 2**bits - 1)
+    np.testing.assert_array_equal(codes, ref.astype(codes.dtype))
+    deq = _core.dequantize(codes, s, z, bits, 2)
+    np.testing.assert_array_equal(deq, _core.fake_quantize(w, s, z, bits, 2))
+    # per-tensor parameters, uint16 codes for a small bit-width
+    codes1 = _core.quantize(w, s[:1], z[:1], bits, 1)
+    deq1 = _core.dequantize(codes1.astype(np.uint16), s[:1], z[:1], bits, 1)
+    np.testing.assert_array_equal(deq1, ref_fake(w, s[:1], z[:1], bits))
+
+
+# ------------------------------------------------------------- error table ---
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (4, 1000), (2, 5000), (1, 40_001)])
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_error_table(level: str, shape: tuple[int, int], per_channel: bool) -> None:
+    w = rand_w(*shape, seed=shape[1])
+    bits = np.array([2, 3, 4, 8, 16], np.int64)
+    lo, hi, _ = _core.channel_minmax(w, 2)
+    if not per_channel:
+        lo, hi = lo.min(keepdims=True), hi.max(keepdims=True)
+    sc, zp = zip(*[_core.qparams(lo, hi, int(b), False) for b in bits])
+    scale, zero_point = np.stack(sc), np.stack(zp)
+    sse, mx = _core.error_table(w, scale, zero_point, bits, 2)
+    assert sse.shape == mx.shape == (bits.size, shape[0])
+    assert sse.dtype == np.float64 and mx.dtype == np.float32
+    for i, b in enumerate(bits):
+        wt = torch.from_numpy(w)
+        w_hat = torch.from_numpy(torch_fake(w, scale[i], zero_point[i], int(b)))
+        e = wt - w_hat
+        np.testing.assert_allclose(sse[i], e.double().pow(2).sum(1).numpy(), rtol=1e-5, atol=0)
+        np.testing.assert_array_equal(mx[i], e.abs().amax(1).numpy())
+    # bit-identical for any thread count
+    sse1, mx1 = _core.error_table(w, scale, zero_point, bits, 1)
+    np.testing.assert_array_equal(sse1, sse)
+    np.testing.assert_array_equal(mx1, mx)
+
+
+# ------------------------------------------------------------- clip search ---
+def brute_clip(w, lo, hi, bits, symmetric, n_grid, step, p):
+    """Independent loop: returns best index, scale, zp, err arrays [B, S]."""
+    groups = [w] if lo.size == 1 else list(w)
+    out = np.zeros((4, len(bits), lo.size))
+    errs = np.zeros((len(bits), lo.size, n_grid))
+    for bi, b in enumerate(bits):
+        for g, x in enumerate(groups):
+            x = x.reshape(1, -1)
+            for i in range(n_grid):
+                f = 1.0 - i * step
+                lo_i = np.float32(float(min(lo[g], np.float32(0))) * f)
+                hi_i = np.float32(float(max(hi[g], np.float32(0))) * f)
+                s, z = ref_qparams(lo_i, hi_i, b, symmetric)
+                errs[bi, g, i] = lp_sum(x - ref_fake(x, s, z, b), p)
+            best = int(np.argmin(errs[bi, g]))
+            f = 1.0 - best * step
+            s, z = ref_qparams(
+                np.float32(float(min(lo[g], np.float32(0))) * f),
+                np.float32(float(max(hi[g], np.float32(0))) * f),
+                b,
+                symmetric,
+            )
+            out[:, bi, g] = best, s, z, errs[bi, g, best]
+    return out, errs
+
+
+@pytest.mark.parametrize("p", [2.0, 2.4, 1.0, 0.5])
+@pytest.mark.parametrize("per_channel", [True, False])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_clip_search_vs_brute_force(level: str, p: float, per_channel: bool, symmetric: bool) -> None:
+    w = rand_w(3, 301, seed=7)
+    w[2, 5] = 40.0  # an outlier makes clipping worthwhile
+    bits = [2, 4, 8]
+    lo, hi, _ = _core.channel_minmax(w, 1)
+    if not per_channel:
+        lo, hi = lo.min(keepdims=True), hi.max(keepdims=True)
+    n_grid, step = 25, 0.03
+    best, scale, zp, err = _core.clip_search(w, lo, hi, bits, symmetric, n_grid, step, p, 2)
+    assert best.dtype == np.int32 and scale.dtype == np.float32
+    assert zp.dtype == np.int32 and err.dtype == np.float64
+    assert best.shape == (len(bits), lo.size)
+    ref, errs = brute_clip(w, lo, hi, bits, symmetric, n_grid, step, p)
+    for bi in range(len(bits)):
+        for g in range(lo.size):
+            np.testing.assert_allclose(err[bi, g], ref[3, bi, g], rtol=1e-5)
+            # the chosen candidate's own brute-force error equals the reported one
+            np.testing.assert_allclose(errs[bi, g, best[bi, g]], err[bi, g], rtol=1e-5)
+            if best[bi, g] == ref[0, bi, g]:
+                assert scale[bi, g] == ref[1, bi, g] and zp[bi, g] == ref[2, bi, g]
+    again = _core.clip_search(w, lo, hi, bits, symmetric, n_grid, step, p, 1)
+    for a, b in zip(again, (best, scale, zp, err)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_clip_search_chunked_paths(level: str) -> None:
+    # long single row (chunk-parallel path) and a per-tensor search over chunks
+    w = rand_w(1, 70_001, seed=11)
+    lo, hi, _ = _core.channel_minmax(w, 1)
+    for nt in (1, 2):
+        best, scale, zp, err = _core.clip_search(w, lo, hi, [3], False, 4, 0.1, 2.0, nt)
+        ref, _ = brute_clip(w, lo, hi, [3], False, 4, 0.1, 2.0)
+        np.testing.assert_allclose(err[0, 0], ref[3, 0, 0], rtol=1e-5)
+    w2 = rand_w(3, 40_000, seed=12)
+    lo2, hi2 = np.array([w2.min()]), np.array([w2.max()])
+    r1 = _core.clip_search(w2, lo2, hi2, [4, 6], True, 3, 0.2, 2.4, 1)
+    r2 = _core.clip_search(w2, lo2, hi2, [4, 6], True, 3, 0.2, 2.4, 2)
+    for a, b in zip(r1, r2):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_clip_search_zero_rows_tie_to_lowest(level: str) -> None:
+    w = np.zeros((2, 9), np.float32)
+    best, scale, zp, err = _core.clip_search(w, np.zeros(2), np.zeros(2), [4], False, 10, 0.05, 2.0, 1)
+    assert (best == 0).all() and (scale == 1.0).all() and (zp == 0).all() and (err == 0).all()
+
+
+@pytest.mark.parametrize("p", [0.3, 1.7, 2.4, 3.5])
+@pytest.mark.parametrize("magnitude", [1e-6, 1e-2, 1.0, 1e3])
+def test_general_p_accuracy(level: str, p: float, magnitude: float) -> None:
+    w = rand_w(2, 999, seed=5, scale=magnitude)
+    lo, hi, _ = _core.channel_minmax(w, 1)
+    for b in (2, 8, 16):
+        _, _, _, err = _core.clip_search(w, lo, hi, [b], False, 1, 0.5, p, 1)
+        s, z = _core.qparams(lo, hi, b, False)
+        e = w - ref_fake(w, s, z, b)
+        for g in range(2):
+            np.testing.assert_allclose(err[0, g], lp_sum(e[g], p), rtol=1e-5)
+
+
+@pytest.mark.parametrize("magnitude", [1e-30, 1e-20, 1e20, 1e30])
+def test_extreme_magnitudes_do_not_underflow(level: str, magnitude: float) -> None:
+    # e^2 of 1e-30 weights underflows float32 and of 1e30 overflows: the core
+    # scales errors by a power of two before accumulating them.
+    w = rand_w(3, 257, seed=9, scale=magnitude)
+    lo, hi, _ = _core.channel_minmax(w, 1)
+    bits = [2, 8, 16]
+    sc, zp = zip(*[_core.qparams(lo, hi, b, False) for b in bits])
+    sse, _ = _core.error_table(w, np.stack(sc), np.stack(zp), bits, 2)
+    for i, b in enumerate(bits):
+        e = w - ref_fake(w, sc[i], zp[i], b)
+        np.testing.assert_allclose(sse[i], [lp_sum(r, 2.0) for r in e], rtol=1e-5)
+    for p in (2.0, 2.4):
+        _, _, _, err = _core.clip_search(w, lo, hi, bits, True, 5, 0.1, p, 2)
+        ref, _ = brute_clip(w, lo, hi, bits, True, 5, 0.1, p)
+        np.testing.assert_allclose(err, ref[3], rtol=1e-5)
+
+
+# --------------------------------------------------------------- bit packing -
+def ref_pack(codes: np.ndarray, bits: int) -> np.ndarray:
+    bitmat = (codes.astype(np.uint32)[:, None] >> np.arange(bits, dtype=np.uint32)) & 1
+    return np.packbits(bitmat.astype(np.uint8).ravel(), bitorder="little")
+
+
+@pytest.mark.parametrize("bits", range(1, 17))
+@pytest.mark.parametrize("n", [0, 1, 7, 13, 1001])
+def test_pack_unpack_round_trip(bits: int, n: int) -> None:
+    rng = np.random.default_rng(bits * 1000 + n)
+    dtype = np.uint8 if bits <= 8 else np.uint16
+    codes = rng.integers(0, 2**bits, size=n).astype(dtype)
+    packed = _core.pack_bits(codes, bits)
+    assert packed.dtype == np.uint8 and packed.size == (n * bits + 7) // 8
+    np.testing.assert_array_equal(packed, ref_pack(codes, bits))
+    back = _core.unpack_bits(packed, bits, n)
+    assert back.dtype == dtype
+    np.testing.assert_array_equal(back, codes)
+    if bits <= 8:  # uint16 input with small codes packs the same
+        np.testing.assert_array_equal(_core.pack_bits(codes.astype(np.uint16), bits), packed)
+
+
+def test_pack_errors() -> None:
+    with pytest.raises(ValueError, match="codes"):
+        _core.pack_bits(np.array([0, 4], np.uint8), 2)
+    with pytest.raises(ValueError, match="codes"):
+        _core.pack_bits(np.array([1, 2], np.int64), 4)
+    with pytest.raises(ValueError, match="too short"):
+        _core.unpack_bits(np.zeros(2, np.uint8), 3, 6)
+    with pytest.raises(ValueError, match="bits"):
+        _core.pack_bits(np.zeros(3, np.uint8), 0)
+    with pytest.raises(ValueError, match="packed"):
+        _core.unpack_bits(np.zeros(4, np.int32), 3, 2)
+
+
+# --------------------------------------------------------------- bad inputs --
+def _bad_calls():
+    w = rand_w(3, 8)
+    s3, z3 = np.ones(3, np.float32), np.zeros(3, np.int32)
+    s2d, z2d = np.ones((1, 3), np.float32), np.zeros((1, 3), np.int32)
+    lo, hi = -np.ones(3, np.float32), np.ones(3, np.float32)
+    return [
+        ("w", lambda: _core.channel_minmax(w[0], 1)),
+        ("w", lambda: _core.channel_minmax(np.zeros((3, 0), np.float32), 1)),
+        ("w", lambda: _core.channel_minmax(np.zeros((0, 4), np.float32), 1)),
+        ("num_threads", lambda: _core.channel_minmax(w, 0)),
+        ("bits", lambda: _core.qparams(lo, hi, 0, False)),
+        ("bits", lambda: _core.qparams(lo, hi, 17, False)),
+        ("lo and hi", lambda: _core.qparams(lo, hi[:2], 4, False)),
+        ("lo", lambda: _core.qparams(np.array([np.nan], np.float32), hi[:1], 4, False)),
+        ("lo", lambda: _core.qparams(lo.reshape(1, 3), hi.reshape(1, 3), 4, False)),
+        ("scale", lambda: _core.error_table(w, np.ones((1, 2), np.float32), np.zeros((1, 2), np.int32), [4], 1)),
+        ("scale", lambda: _core.error_table(w, s3, z3, [4], 1)),
+        ("zero_point", lambda: _core.error_table(w, s2d, np.zeros((1, 1), np.int32), [4], 1)),
+        ("zero_point", lambda: _core.error_table(w, s2d, np.full((1, 3), 16, np.int32), [4], 1)),
+        ("zero_point", lambda: _core.error_table(w, s2d, np.zeros((1, 3), np.float32), [4], 1)),
+        ("scale", lambda: _core.error_table(w, np.zeros((1, 3), np.float32), z2d, [4], 1)),
+        ("scale", lambda: _core.error_table(w, np.full((1, 3), np.nan, np.float32), z2d, [4], 1)),
+        ("bits", lambda: _core.error_table(w, s2d, z2d, [], 1)),
+        ("bits", lambda: _core.error_table(w, s2d, z2d, [20], 1)),
+        ("bits", lambda: _core.error_table(w, s2d, z2d, [[4]], 1)),
+        ("num_threads", lambda: _core.error_table(w, s2d, z2d, [4], -1)),
+        ("n_grid", lambda: _core.clip_search(w, lo, hi, [4], False, 0, 0.01, 2.0, 1)),
+        ("step", lambda: _core.clip_search(w, lo, hi, [4], False, 10, 0.0, 2.0, 1)),
+        ("step", lambda: _core.clip_search(w, lo, hi, [4], False, 10, -0.1, 2.0, 1)),
+        ("n_grid \\* step", lambda: _core.clip_search(w, lo, hi, [4], False, 11, 0.1, 2.0, 1)),
+        ("p", lambda: _core.clip_search(w, lo, hi, [4], False, 10, 0.01, 0.0, 1)),
+        ("p", lambda: _core.clip_search(w, lo, hi, [4], False, 10, 0.01, -2.0, 1)),
+        ("lo", lambda: _core.clip_search(w, lo[:2], hi[:2], [4], False, 10, 0.01, 2.0, 1)),
+        ("hi", lambda: _core.clip_search(w, lo, hi[:1], [4], False, 10, 0.01, 2.0, 1)),
+        ("bits", lambda: _core.clip_search(w, lo, hi, [], False, 10, 0.01, 2.0, 1)),
+        ("w", lambda: _core.clip_search(w[:, :0], lo, hi, [4], False, 10, 0.01, 2.0, 1)),
+        ("num_threads", lambda: _core.clip_search(w, lo, hi, [4], False, 10, 0.01, 2.0, 0)),
+        ("scale", lambda: _core.fake_quantize(w, np.ones(2, np.float32), z3[:2], 4, 1)),
+        ("zero_point", lambda: _core.fake_quantize(w, s3, z3[:1], 4, 1)),
+        ("zero_point", lambda: _core.fake_quantize(w, s3, np.full(3, -1), 4, 1)),
+        ("bits", lambda: _core.fake_quantize(w, s3, z3, 0, 1)),
+        ("w", lambda: _core.fake_quantize(w.reshape(3, 2, 4), s3, z3, 4, 1)),
+        ("w", lambda: _core.fake_quantize(np.full((3, 8), "x"), s3, z3, 4, 1)),
+        ("bits", lambda: _core.quantize(w, s3, z3, 17, 1)),
+        ("codes", lambda: _core.dequantize(np.zeros((3, 8), np.int32), s3, z3, 4, 1)),
+        ("codes", lambda: _core.dequantize(np.full((3, 8), 16, np.uint8), s3, z3, 4, 1)),
+        ("codes", lambda: _core.dequantize(np.zeros(8, np.uint8), s3, z3, 4, 1)),
+        ("n", lambda: _core.unpack_bits(np.zeros(4, np.uint8), 3, -1)),
+    ]
+
+
+@pytest.mark.parametrize(("name", "call"), _bad_calls(), ids=lambda x: x if isinstance(x, str) else "")
+def test_bad_input_raises_value_error(name: str, call) -> None:
+    with pytest.raises(ValueError, match=name):
+        call()
+
+
+def test_float64_and_noncontiguous_inputs_are_converted() -> None:
+    w64 = rand_w(4, 50).astype(np.float64)
+    wt = np.asfortranarray(w64.astype(np.float32))
+    a = _core.channel_minmax(w64, 1)
+    b = _core.channel_minmax(wt, 1)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
