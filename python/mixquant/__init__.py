@@ -19,6 +19,8 @@ from ._backend import (
 )
 from .bitconfig import BitConfig
 from .error import ClipSearchResult, RoundoffError, clip_search, roundoff_error
+from .export import ExportInfo, export, load_quantized
+from .fold import fold_bn
 from .kernels import (
     choose_qparams,
     dequantize_tensor,
@@ -28,12 +30,27 @@ from .kernels import (
     unpack_bits,
 )
 from .layers import channel_axis, find_layers, register_quantizable
+from .methods.blocks import register_block
+from .methods.asymmetric import AsymmetricOptions
+from .methods.brecq import BrecqOptions, BrecqReport
+from .quantize import QuantInfo, quant_info, quantize
 from .search import search, uniform
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsymmetricOptions",
     "BitConfig",
+    "BrecqOptions",
+    "BrecqReport",
+    "ExportInfo",
+    "QuantInfo",
+    "export",
+    "fold_bn",
+    "load_quantized",
+    "quant_info",
+    "quantize",
+    "register_block",
     "ClipSearchResult",
     "RoundoffError",
     "channel_axis",

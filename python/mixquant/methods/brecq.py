@@ -1,0 +1,420 @@
+"""BRECQ: block reconstruction with AdaRound weights and learned activation step sizes.
+
+Pipeline (Li et al., ICLR 2021), with each layer at the bit-width the
+``BitConfig`` gives it ("MixQuant + BRECQ"):
+
+1. Fold batch norms into the preceding layers; keep a folded float copy as the reference.
+2. Split the model into units (:mod:`.blocks`): residual blocks, and single layers elsewhere.
+3. For each unit in execution order: cache its input as produced by the
+   network upstream, already quantized, and the float network's output of the
+   unit; initialise each layer's scale by the clipping search
+   (:func:`mixquant.choose_qparams` with ``clip="mse"``, ``p=2.4``); optimise the
+   AdaRound variables of all the unit's layers together on
+   ``reconstruction loss + rounding_weight * regulariser`` (regulariser off
+   for the first ``warmup`` of the iterations, then ``beta`` annealed from
+   ``beta_range[0]`` to ``beta_range[1]``); round hard and store the weights.
+4. With ``act_bits``: attach activation quantizers (every quantized layer's
+   input, every block's output), set their ranges by min/max over the
+   calibration data, then learn their step sizes unit by unit (:mod:`.lsq`).
+
+Memory: per unit the cache holds ``num_samples`` copies of the unit's input and
+output (float32), plus Fisher weights of the output's size with
+``loss="fisher"``: ``num_samples x (input + output) x 4`` bytes. With the
+defaults (1,024 samples) on 224x224 ImageNet input, a ResNet-18 stage-1 block
+needs 1024 x (64x56x56 + 64x56x56) x 4 B ≈ 1.6 GB and the stem convolution,
+the largest unit, 1024 x (3x224x224 + 64x112x112) x 4 B ≈ 3.9 GB; on 32x32
+CIFAR input a ResNet-20 needs at most 1024 x 2 x 16x32x32 x 4 B = 128 MB. The
+largest cache of a run is reported (``peak_cache_bytes``) and bounded by
+``max_cache_mb`` (4096 by default); only one unit's cache exists at a time.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Deque, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from .. import qmodules
+from ..fold import fold_bn_pairs
+from ..kernels import choose_qparams
+from ..layers import channel_axis
+from . import adaround
+from .blocks import Unit, build_units
+from .cache import Budget, NoData, UnitData, Unsupported, capture_inputs, capture_targets, eval_loss, fisher_labels, rec_loss
+from .common import (
+    MethodResult,
+    QuantJob,
+    attach_activations,
+    check_optional_bits,
+    check_type,
+    observe_activations,
+    plan_activations,
+)
+from .lsq import learn_step_sizes
+
+__all__ = ["BrecqOptions", "BrecqReport", "UnitRecord", "quantize_brecq"]
+
+LOSSES = ("mse", "fisher")
+
+
+@dataclass
+class BrecqOptions:
+    """Options of ``method="brecq"`` (defaults follow BRECQ's ImageNet script).
+
+    Attributes:
+        iters: AdaRound iterations per unit. Default 20000.
+        batch_size: samples per iteration (and per caching pass). Default 32.
+        num_samples: calibration samples used. Default 1024.
+        rounding_weight: lambda of the rounding regulariser. Default 0.01.
+        lr: Adam learning rate of the rounding variables. Default 1e-3.
+        warmup: fraction of iterations without the regulariser. Default 0.2.
+        beta_range: (start, end) of the annealed regulariser exponent. Default (20, 2).
+        scale_p: norm of the clipping-range search that initialises weight scales. Default 2.4.
+        loss: "mse" (squared error of the unit output) or "fisher" (squared error
+            weighted by ``(|dL/d out| + fisher_damping)^2``, ``L`` the cross-entropy of the
+            float model against the calibration labels, or against its own argmax
+            when the data has no labels). Default "mse".
+        fisher_damping: added to the absolute gradient before squaring. Default 1.0.
+        act_iters: step-size iterations per unit when ``act_bits`` is set. Default 5000.
+        act_lr: Adam learning rate of activation step sizes (cosine schedule). Default 4e-4.
+        keep_first_last_8bit: the first and last layer get at least 8-bit weights. Default True.
+        first_layer_input_bits: bits of the model input (first layer's input); None leaves it float. Default 8.
+        last_layer_input_bits: bits of the last layer's input; None = ``act_bits``. Default 8.
+        quantize_block_outputs: quantize each residual block's output (after the add). Default True.
+        device: where reconstruction runs ("cpu", "cuda", "cuda:1", ...); the result stays there. Default "cpu".
+        num_threads: torch CPU threads while reconstructing (restored afterwards); None keeps
+            the current setting. Small blocks run fastest on 1 thread, especially on a
+            shared machine. Default None.
+        max_cache_mb: limit on one unit's cache; ValueError beyond it. Default 4096.
+    """
+
+    iters: int = 20000
+    batch_size: int = 32
+    num_samples: int = 1024
+    rounding_weight: float = 0.01
+    lr: float = 1e-3
+    warmup: float = 0.2
+    beta_range: Tuple[float, float] = (20.0, 2.0)
+    scale_p: float = 2.4
+    loss: str = "mse"
+    fisher_damping: float = 1.0
+    act_iters: int = 5000
+    act_lr: float = 4e-4
+    keep_first_last_8bit: bool = True
+    first_layer_input_bits: Optional[int] = 8
+    last_layer_input_bits: Optional[int] = 8
+    quantize_block_outputs: bool = True
+    device: str = "cpu"
+    num_threads: Optional[int] = None
+    max_cache_mb: float = 4096.0
+
+    def __post_init__(self) -> None:
+        for name in ("iters", "act_iters"):
+            check_type(getattr(self, name), int, name)
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("batch_size", "num_samples"):
+            check_type(getattr(self, name), int, name)
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("rounding_weight", "lr", "scale_p", "fisher_damping", "act_lr", "max_cache_mb", "warmup"):
+            check_type(getattr(self, name), (int, float), name)
+        for name in ("lr", "scale_p", "act_lr", "max_cache_mb"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.rounding_weight < 0 or self.fisher_damping < 0:
+            raise ValueError("rounding_weight and fisher_damping must be >= 0")
+        if not 0 <= self.warmup < 1:
+            raise ValueError(f"warmup must be in [0, 1), got {self.warmup}")
+        if (
+            not isinstance(self.beta_range, (tuple, list))
+            or len(self.beta_range) != 2
+            or not all(isinstance(b, (int, float)) and b > 0 for b in self.beta_range)
+        ):
+            raise ValueError(f"beta_range must be two positive numbers (start, end), got {self.beta_range!r}")
+        self.beta_range = (float(self.beta_range[0]), float(self.beta_range[1]))
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        for name in ("keep_first_last_8bit", "quantize_block_outputs"):
+            check_type(getattr(self, name), bool, name)
+        check_optional_bits(self.first_layer_input_bits, "first_layer_input_bits")
+        check_optional_bits(self.last_layer_input_bits, "last_layer_input_bits")
+        if self.num_threads is not None:
+            check_type(self.num_threads, int, "num_threads")
+            if self.num_threads < 1:
+                raise ValueError(f"num_threads must be >= 1 or None, got {self.num_threads}")
+        try:
+            torch.device(self.device)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"device {self.device!r} is not a torch device: {exc}") from None
+
+
+@dataclass
+class UnitRecord:
+    """One unit's reconstruction, as reported.
+
+    ``loss_before`` is round-to-nearest (weights phase) or min/max ranges
+    (activation phase); ``loss_after`` the result; both are the mean over all
+    cached samples of the per-sample summed squared (or Fisher-weighted) error.
+    """
+
+    unit: str
+    kind: str
+    phase: str
+    layers: List[str]
+    bits: Dict[str, int]
+    loss_before: float
+    loss_after: float
+    iters: int
+    seconds: float
+    cache_bytes: int
+    hard_fraction: Optional[float] = None
+    note: str = ""
+    median_iter_s: Optional[float] = None
+
+    @property
+    def sec_per_iter(self) -> float:
+        return self.seconds / self.iters if self.iters else 0.0
+
+
+@dataclass
+class BrecqReport:
+    """Per-unit results of a BRECQ run (``qmodel.mixquant_report``)."""
+
+    records: List[UnitRecord] = field(default_factory=list)
+    peak_cache_bytes: int = 0
+    options: Dict[str, object] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def table(self) -> str:
+        """A readable table: unit, phase, bits, loss before → after, time, cache."""
+        rows = [("unit", "kind", "phase", "bits", "loss before", "loss after", "ms/iter", "cache MB")]
+        for r in self.records:
+            bits = ",".join(str(b) for b in r.bits.values())
+            rows.append((
+                r.unit or "<model>", r.kind, r.phase, bits, f"{r.loss_before:.4g}", f"{r.loss_after:.4g}",
+                f"{(r.median_iter_s if r.median_iter_s is not None else r.sec_per_iter) * 1e3:.2f}",
+                f"{r.cache_bytes / 2**20:.1f}",
+            ))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines.append(f"peak cache {self.peak_cache_bytes / 2**20:.1f} MB, total {self.seconds:.1f} s")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def to_dict(self) -> dict:
+        return {"records": [asdict(r) for r in self.records], "peak_cache_bytes": self.peak_cache_bytes,
+                "options": dict(self.options), "seconds": self.seconds}
+
+
+def _init_rounding(layer: nn.Module, bits: int, job: QuantJob, opts: BrecqOptions, name: str) -> adaround.AdaRound:
+    ch = channel_axis(layer)
+    w = layer.weight.detach()
+    scale, zp = choose_qparams(
+        w, bits, per_channel=job.per_channel, symmetric=job.symmetric, clip="mse", p=opts.scale_p, ch_axis=ch, name=name
+    )
+    return adaround.AdaRound(w, scale.to(w.device), zp.to(w.device), bits, ch)
+
+
+def _finish_layer(layer: nn.Module, rounding: adaround.AdaRound, weight: nn.Parameter, mode: str) -> None:
+    adaround.detach(layer, weight)
+    codes = rounding.codes(mode)
+    qmodules.set_quantized_weight(layer, codes, rounding.scale_flat, rounding.zero_point, rounding.bits, rounding.ch_axis)
+
+
+def reconstruct_unit(
+    unit: Unit, data: UnitData, model: nn.Module, job: QuantJob, opts: BrecqOptions,
+    generator: torch.Generator, progress: bool,
+) -> UnitRecord:
+    """AdaRound every layer of ``unit`` jointly on the cached data; store hard-rounded weights."""
+    layers = {name: model.get_submodule(name) for name in unit.layers}
+    roundings: Dict[str, adaround.AdaRound] = {}
+    originals: Dict[str, nn.Parameter] = {}
+    try:
+        for name, layer in layers.items():
+            roundings[name] = _init_rounding(layer, job.bits[name], job, opts, name)
+            originals[name] = adaround.attach(layer, roundings[name])
+        for r in roundings.values():
+            r.mode = "nearest"
+        before = eval_loss(unit.module, data, opts.batch_size)
+        for r in roundings.values():
+            r.mode = "soft"
+        seconds, median = 0.0, None
+        if opts.iters > 0:
+            seconds, median = _optimise(unit, data, list(roundings.values()), opts, generator, progress)
+        for r in roundings.values():
+            r.mode = "hard"
+        after = eval_loss(unit.module, data, opts.batch_size)
+        hard = sum(r.hard_fraction() * r.V.numel() for r in roundings.values()) / sum(r.V.numel() for r in roundings.values())
+    except BaseException:
+        for name, weight in originals.items():  # leave the layers usable (float weights) on error
+            adaround.detach(layers[name], weight)
+        raise
+    for name, layer in layers.items():
+        _finish_layer(layer, roundings[name], originals[name], "hard")
+    return UnitRecord(unit.name, unit.kind, "weights", list(unit.layers), {n: job.bits[n] for n in unit.layers},
+                      before, after, opts.iters, seconds, data.nbytes, hard, median_iter_s=median)
+
+
+def make_step(
+    module: nn.Module, data: UnitData, roundings: List[adaround.AdaRound], opts: BrecqOptions,
+    generator: torch.Generator,
+) -> Callable[[int], Tuple[torch.Tensor, torch.Tensor]]:
+    """One AdaRound iteration as a function ``step(it) -> (reconstruction loss, total loss)``.
+
+    A random batch of ``opts.batch_size`` cached samples, the unit's forward
+    with soft-rounded weights, the loss (plus the annealed regulariser after
+    the warm-up), and an Adam step on the rounding variables.
+    """
+    opt = torch.optim.Adam([r.V for r in roundings], lr=opts.lr)
+    sched = adaround.LinearTempDecay(opts.iters, opts.warmup, *opts.beta_range)
+    n, device = len(data), data.x.device
+
+    def step(it: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.randperm(n, generator=generator)[: opts.batch_size].to(device)
+        x, y, w = data.batch(idx)
+        rec = loss = rec_loss(module(x), y, w)
+        if not sched.in_warmup(it) and opts.rounding_weight > 0:
+            beta = sched(it)
+            loss = loss + opts.rounding_weight * sum(r.regularizer(beta) for r in roundings)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return rec, loss
+
+    return step
+
+
+def _optimise(
+    unit: Unit, data: UnitData, roundings: List[adaround.AdaRound], opts: BrecqOptions,
+    generator: torch.Generator, progress: bool,
+) -> Tuple[float, float]:
+    """Run the AdaRound iterations; return (total seconds, median seconds per iteration)."""
+    step = make_step(unit.module, data, roundings, opts, generator)
+    bar = tqdm(total=opts.iters, desc=f"{unit.name or '<model>'} ({unit.kind})", disable=not progress, leave=False)
+    start = time.perf_counter()
+    times: List[float] = []
+    try:
+        for it in range(opts.iters):
+            t_it = time.perf_counter()
+            rec, loss = step(it)
+            times.append(time.perf_counter() - t_it)
+            if progress and (it % 50 == 0 or it == opts.iters - 1):
+                bar.set_postfix(rec=f"{float(rec.detach()):.4g}", total=f"{float(loss.detach()):.4g}", refresh=False)
+            bar.update(1)
+    finally:
+        bar.close()
+    times.sort()
+    return time.perf_counter() - start, times[len(times) // 2]
+
+
+def _round_to_nearest(unit: Unit, model: nn.Module, job: QuantJob, opts: BrecqOptions, note: str) -> UnitRecord:
+    for name in unit.layers:
+        layer = model.get_submodule(name)
+        rounding = _init_rounding(layer, job.bits[name], job, opts, name)
+        qmodules.set_quantized_weight(layer, rounding.codes("nearest"), rounding.scale_flat, rounding.zero_point,
+                                      rounding.bits, rounding.ch_axis)
+    nan = float("nan")
+    return UnitRecord(unit.name, unit.kind, "weights", list(unit.layers), {n: job.bits[n] for n in unit.layers},
+                      nan, nan, 0, 0.0, 0, None, note)
+
+
+def _split(unit: Unit, model: nn.Module) -> List[Unit]:
+    return [Unit(name, model.get_submodule(name), "layer", [name]) for name in unit.layers]
+
+
+def _gather(
+    unit: Unit, model: nn.Module, fp_model: nn.Module, x: torch.Tensor, labels: Optional[torch.Tensor],
+    opts: BrecqOptions, device: torch.device,
+) -> UnitData:
+    budget = Budget(opts.max_cache_mb * 2**20, f"unit {unit.name or '<model>'}")
+    inp = capture_inputs(model, unit.module, x, opts.batch_size, device, budget)
+    fp_unit = fp_model.get_submodule(unit.name) if unit.name else fp_model
+    out, wgt = capture_targets(fp_model, fp_unit, x, opts.batch_size, device, budget, labels, opts.fisher_damping)
+    return UnitData(inp, out, wgt)
+
+
+def quantize_brecq(model: nn.Module, job: QuantJob, opts: BrecqOptions) -> MethodResult:
+    """Quantize ``model`` in place with BRECQ (see the module docstring); the report is in ``result.report``."""
+    threads = torch.get_num_threads()
+    if opts.num_threads is not None:
+        torch.set_num_threads(opts.num_threads)
+    try:
+        return _quantize_brecq(model, job, opts)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _quantize_brecq(model: nn.Module, job: QuantJob, opts: BrecqOptions) -> MethodResult:
+    t0 = time.perf_counter()
+    device = torch.device(opts.device)
+    result = MethodResult()
+    result.folded_bn = fold_bn_pairs(model)
+    model.to(device)
+    flags = {p: p.requires_grad for p in model.parameters()}
+    for p in flags:
+        p.requires_grad_(False)
+    fp_model = copy.deepcopy(model)  # folded float reference
+    assert job.calib_x is not None  # checked by quantize()
+    x = job.calib_x[: opts.num_samples]
+    y = None if job.calib_y is None else job.calib_y[: opts.num_samples]
+    report = BrecqReport(options=asdict(opts))
+    labels = fisher_labels(fp_model, x, y, opts.batch_size, device) if opts.loss == "fisher" else None
+    generator = torch.Generator().manual_seed(job.seed)
+    units: Deque[Unit] = deque(build_units(model, job.bits, job.order))
+    done: List[Unit] = []
+    try:
+        while units:
+            unit = units.popleft()
+            try:
+                data = _gather(unit, model, fp_model, x, labels, opts, device)
+            except Unsupported as exc:
+                if unit.kind == "block":
+                    units.extendleft(reversed(_split(unit, model)))
+                    continue
+                report.records.append(_round_to_nearest(unit, model, job, opts, f"round to nearest: {exc}"))
+                continue
+            except NoData:
+                report.records.append(_round_to_nearest(unit, model, job, opts, "round to nearest: never ran on calib_data"))
+                continue
+            report.peak_cache_bytes = max(report.peak_cache_bytes, data.nbytes)
+            report.records.append(reconstruct_unit(unit, data, model, job, opts, generator, job.progress))
+            done.append(unit)
+            del data
+        if job.act_bits is not None:
+            blocks = [u.name for u in done if u.kind == "block"] if opts.quantize_block_outputs else []
+            inputs, outputs = plan_activations(job, opts.first_layer_input_bits, opts.last_layer_input_bits, blocks)
+            attach_activations(model, inputs, outputs)
+            observe_activations(model, x, opts.batch_size, device)
+            result.input_act_bits, result.output_act_bits = inputs, outputs
+            if opts.act_iters > 0:
+                for unit in done:
+                    data = _gather(unit, model, fp_model, x, labels, opts, device)
+                    report.peak_cache_bytes = max(report.peak_cache_bytes, data.nbytes)
+                    stats = learn_step_sizes(
+                        unit.module, data, iters=opts.act_iters, lr=opts.act_lr, batch_size=opts.batch_size,
+                        generator=generator, progress=job.progress, desc=f"{unit.name or '<model>'} (act)",
+                    )
+                    report.records.append(UnitRecord(
+                        unit.name, unit.kind, "activations", list(unit.layers), {n: job.bits[n] for n in unit.layers},
+                        stats["loss_before"], stats["loss_after"], stats["iters"], stats["seconds"], data.nbytes,
+                    ))
+                    del data
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+    report.seconds = time.perf_counter() - t0
+    result.report = report
+    if job.progress:
+        tqdm.write(report.table(), file=sys.stderr)
+    return result

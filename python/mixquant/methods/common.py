@@ -1,0 +1,168 @@
+"""What every quantization method shares: the job description, option helpers, activation planning."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Type, TypeVar
+
+import torch
+import torch.nn as nn
+
+from .. import qmodules
+
+__all__ = ["QuantJob", "MethodResult", "build_options", "check_optional_bits", "execution_order", "plan_activations"]
+
+T = TypeVar("T")
+
+
+@dataclass
+class QuantJob:
+    """Everything a method needs besides its own options (built and validated by :func:`mixquant.quantize`).
+
+    Attributes:
+        bits: layer fqn → weight bits actually applied (first/last overrides included).
+        per_channel, symmetric: weight quantizer granularity and symmetry.
+        clip: the config's range rule ("minmax" | "mse"), used when a method option leaves it open.
+        act_bits: activation bits, or None for weight-only quantization.
+        order: quantized layer names in execution order (first = model input layer, last = output layer).
+        calib_x, calib_y: calibration inputs ``[N, ...]`` (CPU) and labels ``[N]`` or None.
+        seed: seed of every random draw.
+        progress: show progress bars.
+    """
+
+    bits: Dict[str, int]
+    per_channel: bool
+    symmetric: bool
+    clip: str
+    act_bits: Optional[int]
+    order: List[str]
+    calib_x: Optional[torch.Tensor]
+    calib_y: Optional[torch.Tensor]
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass
+class MethodResult:
+    """What a method did to the model, recorded so that export/load can rebuild it."""
+
+    folded_bn: List[Tuple[str, str]] = field(default_factory=list)
+    input_act_bits: Dict[str, int] = field(default_factory=dict)
+    output_act_bits: Dict[str, int] = field(default_factory=dict)
+    report: Any = None
+
+
+def check_optional_bits(value: Any, name: str) -> None:
+    """ValueError/TypeError unless ``value`` is None or an int in 2..16."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int in 2..16 or None, got {type(value).__name__}")
+    if not 2 <= value <= 16:
+        raise ValueError(f"{name} must be in 2..16, got {value}")
+
+
+def check_type(value: Any, types: Any, name: str) -> None:
+    """TypeError naming ``name`` unless ``value`` is an instance of ``types`` (bools are not numbers)."""
+    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        raise TypeError(f"{name} must be {getattr(types, '__name__', types)}, got bool")
+    if not isinstance(value, types):
+        raise TypeError(f"{name} must be {getattr(types, '__name__', types)}, got {type(value).__name__}")
+
+
+def build_options(cls: Type[T], options: Optional[T], overrides: Mapping[str, Any]) -> T:
+    """An options instance: ``options`` (or the defaults) with ``overrides`` applied and validated.
+
+    TypeError naming the first unknown option.
+    """
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    for key in overrides:
+        if key not in names:
+            raise TypeError(
+                f"unknown option {key!r} for {cls.__name__}; valid options: {', '.join(sorted(names))}"
+            )
+    if options is None:
+        return cls(**overrides)
+    if not isinstance(options, cls):
+        raise TypeError(f"options must be a {cls.__name__}, got {type(options).__name__}")
+    return dataclasses.replace(options, **overrides)  # re-runs __post_init__ validation
+
+
+def execution_order(model: nn.Module, names: List[str], sample: Optional[torch.Tensor]) -> List[str]:
+    """``names`` sorted by when each layer first runs on ``sample``; layers that never run keep their order at the end.
+
+    Without a sample, definition order is kept.
+    """
+    if sample is None:
+        return list(names)
+    modules = dict(model.named_modules())
+    seen: Dict[str, int] = {}
+    handles = []
+    for name in names:
+        def hook(_m: nn.Module, _a: tuple, name: str = name) -> None:
+            seen.setdefault(name, len(seen))
+        handles.append(modules[name].register_forward_pre_hook(hook))
+    try:
+        from .calib import eval_mode
+
+        p = next(model.parameters(), None)
+        with torch.no_grad(), eval_mode(model):
+            model(sample.to(p.device if p is not None else "cpu"))
+    finally:
+        for h in handles:
+            h.remove()
+    ran = sorted((n for n in names if n in seen), key=seen.__getitem__)
+    return ran + [n for n in names if n not in seen]
+
+
+def plan_activations(
+    job: QuantJob,
+    first_layer_input_bits: Optional[int],
+    last_layer_input_bits: Optional[int],
+    block_names: List[str],
+) -> Tuple[Dict[str, int], Dict[str, int]]:
+    """Which layer inputs and module outputs get activation quantizers, at which bits.
+
+    Every quantized layer's input gets ``job.act_bits``, except the first layer
+    (``first_layer_input_bits``; None leaves the model input in float) and the
+    last layer (``last_layer_input_bits``; None means ``act_bits``). Each name in
+    ``block_names`` gets an output quantizer at ``act_bits``.
+    """
+    if job.act_bits is None:
+        return {}, {}
+    inputs = {name: job.act_bits for name in job.bits}
+    if job.order:
+        first, last = job.order[0], job.order[-1]
+        if last_layer_input_bits is not None:
+            inputs[last] = last_layer_input_bits
+        if first_layer_input_bits is None:
+            inputs.pop(first, None)
+        else:
+            inputs[first] = first_layer_input_bits
+    outputs = {name: job.act_bits for name in block_names}
+    return inputs, outputs
+
+
+def attach_activations(model: nn.Module, inputs: Dict[str, int], outputs: Dict[str, int]) -> None:
+    """Attach input quantizers (per layer) and output quantizers (per block) as planned."""
+    for name, bits in inputs.items():
+        qmodules.attach_input_quantizer(model.get_submodule(name), bits, name)
+    for name, bits in outputs.items():
+        qmodules.attach_output_quantizer(model.get_submodule(name), bits, name)
+
+
+@torch.no_grad()
+def observe_activations(model: nn.Module, x: torch.Tensor, batch_size: int, device: torch.device) -> None:
+    """Record min/max of every activation quantizer over ``x``, then set their scales (min/max rule)."""
+    from .calib import batches
+
+    qmodules.set_act_mode(model, "observe")
+    for xb in batches(x, batch_size, device):
+        model(xb)
+    for _, q in qmodules.act_quantizers(model):
+        if not torch.isfinite(q.min_val):  # never ran on the calibration data: range [0, 0]
+            q.min_val.zero_()
+            q.max_val.zero_()
+        q.init_from_range()
+    qmodules.set_act_mode(model, "quant")

@@ -1,0 +1,224 @@
+"""Simulated-quantization state attached to ordinary PyTorch modules.
+
+mixquant does not swap layer classes. A quantized layer stays the same
+``nn.Conv2d`` / ``nn.Linear`` / ... object under the same name, with:
+
+* ``weight`` holding the *dequantized* values ``(code - zero_point) * scale``
+  (so the layer runs exactly as before, only with quantized weights);
+* buffers ``weight_scale`` (float32, ``[C]`` or ``[1]``) and
+  ``weight_zero_point`` (int32, same shape), and plain attributes
+  ``mixquant_bits`` and ``mixquant_ch_axis``;
+* optionally a child ``input_quantizer`` (:class:`ActQuantizer`) applied to the
+  layer's input by a forward pre-hook.
+
+A module whose output is quantized (a residual block) gets a child
+``output_quantizer`` applied by a forward hook.
+
+Keeping names and classes means a quantized model has the same module tree as
+the float one, ``BitConfig.check_model`` still accepts it, and its
+``state_dict`` keys are the float model's plus the quantization buffers.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+__all__ = [
+    "ActQuantizer",
+    "dequantize_weight",
+    "set_quantized_weight",
+    "attach_input_quantizer",
+    "attach_output_quantizer",
+    "act_quantizers",
+    "set_act_mode",
+    "is_quantized_layer",
+    "param_shape",
+]
+
+INPUT_QUANTIZER = "input_quantizer"
+OUTPUT_QUANTIZER = "output_quantizer"
+ACT_MODES = ("off", "observe", "quant")
+
+
+def param_shape(weight: torch.Tensor, ch_axis: int) -> Tuple[int, ...]:
+    """Shape that broadcasts a ``[C]`` parameter along ``ch_axis`` of ``weight``."""
+    shape = [1] * weight.dim()
+    shape[ch_axis] = -1
+    return tuple(shape)
+
+
+def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, ch_axis: int) -> torch.Tensor:
+    """Float32 weight ``(codes - zero_point) * scale`` with ``[C]``/``[1]`` parameters along ``ch_axis``.
+
+    This one formula produces every stored quantized weight, at quantization
+    time and when a file is loaded, which is what makes export → load
+    bit-exact. It equals :func:`mixquant.dequantize_tensor`'s reference path.
+    """
+    shape = param_shape(codes, ch_axis) if scale.numel() > 1 else (1,) * codes.dim()
+    s = scale.to(device=codes.device, dtype=torch.float32).reshape(shape)
+    z = zero_point.to(device=codes.device, dtype=torch.float32).reshape(shape)
+    return (codes.to(torch.float32) - z) * s
+
+
+def set_quantized_weight(
+    layer: nn.Module, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int, ch_axis: int
+) -> None:
+    """Store quantized weights on ``layer``: dequantized ``weight`` plus its scale, zero point and bits.
+
+    The ``weight`` Parameter object is kept (its data is replaced), so
+    optimizers or tied references to it stay valid.
+    """
+    weight = layer.weight
+    if tuple(codes.shape) != tuple(weight.shape):
+        raise ValueError(f"codes have shape {tuple(codes.shape)}, the weight {tuple(weight.shape)}")
+    w_hat = dequantize_weight(codes, scale, zero_point, ch_axis)
+    with torch.no_grad():
+        weight.data = w_hat.to(device=weight.device, dtype=weight.dtype)
+    scale = scale.detach().to(device=weight.device, dtype=torch.float32).reshape(-1).clone()
+    zero_point = zero_point.detach().to(device=weight.device, dtype=torch.int32).reshape(-1).clone()
+    for name, value in (("weight_scale", scale), ("weight_zero_point", zero_point)):
+        if name in layer._buffers:
+            layer._buffers[name] = value
+        else:
+            layer.register_buffer(name, value)
+    layer.mixquant_bits = int(bits)
+    layer.mixquant_ch_axis = int(ch_axis)
+
+
+def is_quantized_layer(module: nn.Module) -> bool:
+    """True when ``module`` carries quantized weights (see :func:`set_quantized_weight`)."""
+    return hasattr(module, "mixquant_bits") and "weight_scale" in module._buffers
+
+
+def _round_ste(x: torch.Tensor) -> torch.Tensor:
+    # Straight-through rounding: forward round(x), backward identity.
+    return x + (torch.round(x) - x).detach()
+
+
+class ActQuantizer(nn.Module):
+    """Per-tensor asymmetric fake quantizer for activations, with a learnable step size.
+
+    ``forward`` depends on :attr:`mode`:
+
+    * ``"off"``: identity;
+    * ``"observe"``: identity, recording the running min and max of what passes;
+    * ``"quant"``: ``(clamp(round(x / scale) + zero_point, 0, 2**bits - 1) - zero_point) * scale``
+      with round half to even. When gradients are on, rounding is
+      straight-through so ``scale`` learns LSQ-style (the zero point stays fixed).
+
+    Args:
+        bits: activation bit-width (2..16).
+    """
+
+    def __init__(self, bits: int) -> None:
+        super().__init__()
+        if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 16:
+            raise ValueError(f"activation bits must be an int in 2..16, got {bits!r}")
+        self.bits = int(bits)
+        self.qmax = float(2**bits - 1)
+        self.scale = nn.Parameter(torch.ones(()), requires_grad=False)
+        self.register_buffer("zero_point", torch.zeros(()))
+        # Observer state only: not part of the state_dict (nor of exported files).
+        self.register_buffer("min_val", torch.tensor(math.inf), persistent=False)
+        self.register_buffer("max_val", torch.tensor(-math.inf), persistent=False)
+        self.mode = "quant"
+
+    def set_mode(self, mode: str) -> None:
+        """Switch between ``"off"``, ``"observe"`` and ``"quant"``."""
+        if mode not in ACT_MODES:
+            raise ValueError(f"mode must be one of {ACT_MODES}, got {mode!r}")
+        self.mode = mode
+
+    @torch.no_grad()
+    def init_from_range(self) -> None:
+        """Set scale and zero point from the observed range (zero always representable)."""
+        if not torch.isfinite(self.min_val) or not torch.isfinite(self.max_val):
+            raise RuntimeError("ActQuantizer saw no data; run calibration batches in 'observe' mode first")
+        lo = torch.clamp(self.min_val, max=0.0).double()
+        hi = torch.clamp(self.max_val, min=0.0).double()
+        width = float(hi - lo)
+        scale = width / self.qmax if width > 0 else 1.0
+        zp = min(max(round(-float(lo) / scale), 0.0), self.qmax)
+        self.scale.data.fill_(scale)
+        self.zero_point.fill_(zp)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "off":
+            return x
+        if self.mode == "observe":
+            with torch.no_grad():
+                d = x.detach()
+                self.min_val.copy_(torch.minimum(self.min_val, d.min().to(self.min_val)))
+                self.max_val.copy_(torch.maximum(self.max_val, d.max().to(self.max_val)))
+            return x
+        scale = self.scale
+        if torch.is_grad_enabled() and (scale.requires_grad or x.requires_grad):
+            q = torch.clamp(_round_ste(x / scale) + self.zero_point, 0.0, self.qmax)
+        else:
+            q = torch.clamp(torch.round(x / scale) + self.zero_point, 0.0, self.qmax)
+        return (q - self.zero_point) * scale
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, scale={float(self.scale):.4g}, zero_point={int(self.zero_point)}, mode={self.mode}"
+
+
+def _input_quant_hook(module: nn.Module, args: tuple) -> tuple:
+    quantizer = module._modules[INPUT_QUANTIZER]
+    if not args or not isinstance(args[0], torch.Tensor):
+        return args
+    return (quantizer(args[0]),) + tuple(args[1:])
+
+
+def _output_quant_hook(module: nn.Module, args: tuple, output: object) -> object:
+    if isinstance(output, torch.Tensor):
+        return module._modules[OUTPUT_QUANTIZER](output)
+    return output
+
+
+def attach_input_quantizer(layer: nn.Module, bits: int, name: str = "layer") -> ActQuantizer:
+    """Give ``layer`` an ``input_quantizer`` child applied to its first input by a pre-hook."""
+    if hasattr(layer, INPUT_QUANTIZER):
+        raise ValueError(f"{name!r} already has an attribute {INPUT_QUANTIZER!r} (is the model already quantized?)")
+    quantizer = ActQuantizer(bits)
+    p = next(layer.parameters(), None)
+    if p is not None:
+        quantizer.to(p.device)
+    layer.add_module(INPUT_QUANTIZER, quantizer)
+    layer.register_forward_pre_hook(_input_quant_hook)
+    return quantizer
+
+
+def attach_output_quantizer(module: nn.Module, bits: int, name: str = "module") -> ActQuantizer:
+    """Give ``module`` an ``output_quantizer`` child applied to its tensor output by a forward hook."""
+    if hasattr(module, OUTPUT_QUANTIZER):
+        raise ValueError(f"{name!r} already has an attribute {OUTPUT_QUANTIZER!r} (is the model already quantized?)")
+    quantizer = ActQuantizer(bits)
+    p = next(module.parameters(), None)
+    if p is not None:
+        quantizer.to(p.device)
+    module.add_module(OUTPUT_QUANTIZER, quantizer)
+    module.register_forward_hook(_output_quant_hook)
+    return quantizer
+
+
+def act_quantizers(module: nn.Module) -> Iterator[Tuple[str, ActQuantizer]]:
+    """All :class:`ActQuantizer` children of ``module`` (recursively), with their names."""
+    for name, m in module.named_modules():
+        if isinstance(m, ActQuantizer):
+            yield name, m
+
+
+def set_act_mode(module: nn.Module, mode: str) -> None:
+    """Set the mode of every activation quantizer under ``module``."""
+    for _, q in act_quantizers(module):
+        q.set_mode(mode)
+
+
+def layer_input_quantizer(layer: nn.Module) -> Optional[ActQuantizer]:
+    """The layer's input quantizer, or None."""
+    q = layer._modules.get(INPUT_QUANTIZER)
+    return q if isinstance(q, ActQuantizer) else None

@@ -1,0 +1,279 @@
+"""``mixquant.quantize``: apply a :class:`~mixquant.BitConfig` to a model with a quantization method.
+
+The result is *simulated* quantization: an ordinary ``nn.Module`` whose
+quantized layers hold dequantized weights (exactly on their grids) and, with
+``act_bits``, fake-quantize activations; see :mod:`mixquant.qmodules` for what
+is attached to each layer. What was done is recorded on the result:
+
+* ``qmodel.mixquant_state`` (:class:`QuantState`): per-layer bits, quantizer
+  settings, activation quantizers, folded batch norms: what
+  :func:`mixquant.export` needs;
+* ``qmodel.mixquant_report``: the method's report (for BRECQ a
+  :class:`~mixquant.methods.BrecqReport`: each unit's loss before and after);
+* :func:`quant_info` ``(qmodel)``: per-layer bits, average bits, packed size.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import torch.nn as nn
+
+from . import qmodules
+from .bitconfig import BitConfig, layer_bytes
+from .layers import channel_axis
+from .methods import METHODS, AsymmetricOptions, BrecqOptions
+from .methods.calib import check_forward, collect_calib
+from .methods.common import QuantJob, build_options, execution_order
+
+__all__ = ["quantize", "quant_info", "QuantInfo", "QuantState", "FIRST_LAST_BITS"]
+
+FIRST_LAST_BITS = 8
+Options = Union[AsymmetricOptions, BrecqOptions]
+
+
+@dataclass
+class QuantState:
+    """What :func:`quantize` did to a model (stored as ``qmodel.mixquant_state``).
+
+    Attributes:
+        method: "asymmetric" or "brecq".
+        config: the applied :class:`BitConfig` (first/last overrides included).
+        requested_bits: the bits of the config the caller passed.
+        per_channel, symmetric: weight quantizer settings.
+        act_bits: the ``act_bits`` argument (None: weights only).
+        input_act_bits: layer fqn → bits of its input quantizer.
+        output_act_bits: module fqn → bits of its output quantizer (residual blocks).
+        folded_bn: ``(layer fqn, bn fqn)`` pairs folded (each BN is now ``nn.Identity``).
+        options: the method options, as a dict.
+    """
+
+    method: str
+    config: BitConfig
+    requested_bits: Dict[str, int]
+    per_channel: bool
+    symmetric: bool
+    act_bits: Optional[int]
+    input_act_bits: Dict[str, int] = field(default_factory=dict)
+    output_act_bits: Dict[str, int] = field(default_factory=dict)
+    folded_bn: List[Tuple[str, str]] = field(default_factory=list)
+    options: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def bits(self) -> Dict[str, int]:
+        return dict(self.config.bits)
+
+
+@dataclass
+class QuantInfo:
+    """Size and bit-widths of a quantized model (see :func:`quant_info`).
+
+    ``size_bytes = packed_weight_bytes + qparam_bytes``, the same definition as
+    :attr:`BitConfig.size_bytes` (codes packed at each layer's bits, rounded up
+    to whole bytes per layer, plus a float32 scale and an int32 zero point per
+    channel or per tensor). ``float_bytes`` counts everything else a file must
+    hold: biases, batch norms not folded, unquantized layers, activation scales.
+    """
+
+    method: str
+    bits: Dict[str, int]
+    num_params: Dict[str, int]
+    avg_bits: float
+    packed_weight_bytes: int
+    qparam_bytes: int
+    size_bytes: int
+    float_bytes: int
+    input_act_bits: Dict[str, int]
+    output_act_bits: Dict[str, int]
+
+    def table(self) -> str:
+        """Per-layer bits and a summary line."""
+        rows = [("layer", "params", "bits", "act in")]
+        for name, b in self.bits.items():
+            act = self.input_act_bits.get(name)
+            rows.append((name or "<model>", str(self.num_params[name]), str(b), "-" if act is None else str(act)))
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines.append(
+            f"{self.method}: {len(self.bits)} layers, average {self.avg_bits:.3f} bits, {self.size_bytes} bytes "
+            f"({self.packed_weight_bytes} packed weights + {self.qparam_bytes} scales/zero points), "
+            f"{self.float_bytes} bytes of other float tensors"
+        )
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _state(qmodel: nn.Module) -> QuantState:
+    state = getattr(qmodel, "mixquant_state", None)
+    if not isinstance(state, QuantState):
+        raise ValueError("the model is not quantized by mixquant (no mixquant_state); call mixquant.quantize first")
+    return state
+
+
+def quantized_keys(state: QuantState) -> List[str]:
+    """state_dict keys that hold quantized weights and their parameters."""
+    keys = []
+    for name in state.config.bits:
+        prefix = f"{name}." if name else ""
+        keys += [prefix + "weight", prefix + "weight_scale", prefix + "weight_zero_point"]
+    return keys
+
+
+def quant_info(qmodel: nn.Module) -> QuantInfo:
+    """Per-layer bits, parameter-weighted average bits and packed size of a quantized model.
+
+    Raises ValueError for a model :func:`quantize` did not produce.
+    """
+    state = _state(qmodel)
+    num_params: Dict[str, int] = {}
+    packed = qparams = 0
+    for name, bits in state.config.bits.items():
+        layer = qmodel.get_submodule(name)
+        n = layer.weight.numel()
+        groups = layer.weight_scale.numel()
+        num_params[name] = n
+        total = layer_bytes(n, bits, groups)
+        packed += (n * bits + 7) // 8
+        qparams += total - (n * bits + 7) // 8
+    skip = set(quantized_keys(state))
+    float_bytes = sum(t.numel() * t.element_size() for k, t in qmodel.state_dict().items() if k not in skip)
+    total_n = sum(num_params.values())
+    avg = sum(num_params[k] * b for k, b in state.config.bits.items()) / total_n if total_n else 0.0
+    return QuantInfo(state.method, dict(state.config.bits), num_params, avg, packed, qparams, packed + qparams,
+                     float_bytes, dict(state.input_act_bits), dict(state.output_act_bits))
+
+
+def _check_bool(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def _already_quantized(model: nn.Module) -> bool:
+    return hasattr(model, "mixquant_state") or any(qmodules.is_quantized_layer(m) for m in model.modules())
+
+
+def _applied_config(config: BitConfig, model: nn.Module, bits: Dict[str, int], per_channel: bool, symmetric: bool) -> BitConfig:
+    groups = dict(config.groups)
+    if per_channel != config.per_channel:
+        for name in bits:
+            layer = model.get_submodule(name)
+            groups[name] = layer.weight.shape[channel_axis(layer)] if per_channel else 1
+    return dataclasses.replace(config, bits=dict(bits), groups=groups, per_channel=per_channel, symmetric=symmetric)
+
+
+def quantize(
+    model: nn.Module,
+    config: BitConfig,
+    method: str = "asymmetric",
+    *,
+    calib_data: Any = None,
+    act_bits: Optional[int] = None,
+    per_channel: Optional[bool] = None,
+    symmetric: Optional[bool] = None,
+    seed: int = 0,
+    progress: bool = True,
+    inplace: bool = False,
+    options: Optional[Options] = None,
+    **method_options: Any,
+) -> nn.Module:
+    """Quantize ``model`` with per-layer weight bits from ``config``; return the quantized model.
+
+    Args:
+        model: a float model. It is not modified unless ``inplace``.
+        config: a :class:`BitConfig` (from :func:`mixquant.search` or :func:`mixquant.uniform`)
+            that fits ``model``; every configured layer gets exactly its bits
+            (except the first/last-layer option of the method, see below).
+        method: "asymmetric" (vanilla round-to-nearest, :class:`AsymmetricOptions`)
+            or "brecq" (:class:`BrecqOptions`).
+        calib_data: a DataLoader, a tensor ``[N, ...]``, or an iterable of batches
+            (tensors or ``(inputs, labels)`` tuples). Required by "brecq" and by ``act_bits``.
+        act_bits: activation bits (2..16), or None to quantize weights only.
+        per_channel, symmetric: weight quantizer; None takes the config's.
+        seed: seed of all random draws (BRECQ's batch sampling). Results are
+            deterministic for a seed on one machine.
+        progress: show progress bars (BRECQ: one per unit, with the current loss).
+        inplace: quantize ``model`` itself. The work is still done on a copy,
+            which replaces the model's contents only on success, so a failure
+            leaves ``model`` untouched.
+        options: a prebuilt options object of the method.
+        **method_options: fields of the method's options (overriding ``options``);
+            an unknown name raises TypeError.
+
+    The method's ``keep_first_last_8bit`` raises the first and last layer (in
+    execution order) to at least 8 bits; the applied config is
+    ``qmodel.mixquant_state.config``.
+
+    Returns:
+        The quantized model, in eval mode (on ``BrecqOptions.device`` for BRECQ).
+
+    Raises:
+        TypeError: wrong argument types, unknown options.
+        ValueError: a config that does not fit ``model``, bad ``act_bits``,
+            missing/empty/ill-shaped calibration data, an already-quantized model.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(config, BitConfig):
+        raise TypeError(f"config must be a mixquant.BitConfig, got {type(config).__name__}")
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
+    options_cls, run = METHODS[method]
+    opts = build_options(options_cls, options, method_options)
+    if act_bits is not None and (isinstance(act_bits, bool) or not isinstance(act_bits, int)):
+        raise TypeError(f"act_bits must be an int in 2..16 or None, got {type(act_bits).__name__}")
+    if act_bits is not None and not 2 <= act_bits <= 16:
+        raise ValueError(f"act_bits must be in 2..16, got {act_bits}")
+    per_channel = config.per_channel if per_channel is None else _check_bool(per_channel, "per_channel")
+    symmetric = config.symmetric if symmetric is None else _check_bool(symmetric, "symmetric")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    _check_bool(progress, "progress")
+    _check_bool(inplace, "inplace")
+    if _already_quantized(model):
+        raise ValueError("the model is already quantized; quantize a float model")
+    config.check_model(model)
+    for name, bits in config.bits.items():
+        if not 1 <= bits <= 16:
+            raise ValueError(f"layer {name!r}: quantize supports 1..16 weight bits, the config has {bits}")
+
+    needs_data = method == "brecq" or act_bits is not None
+    if calib_data is None and needs_data:
+        why = "method='brecq'" if method == "brecq" else f"act_bits={act_bits}"
+        raise ValueError(f"{why} needs calib_data (a DataLoader, a tensor or an iterable of batches)")
+    x = y = None
+    if calib_data is not None:
+        x, y = collect_calib(calib_data, getattr(opts, "num_samples", None))
+        check_forward(model, x)
+    order = execution_order(model, list(config.bits), None if x is None else x[:2])
+
+    bits = dict(config.bits)
+    if opts.keep_first_last_8bit and order:
+        for name in {order[0], order[-1]}:
+            bits[name] = max(bits[name], FIRST_LAST_BITS)
+    applied = _applied_config(config, model, bits, per_channel, symmetric)
+    job = QuantJob(bits=bits, per_channel=per_channel, symmetric=symmetric, clip=config.clip, act_bits=act_bits,
+                   order=order, calib_x=x, calib_y=y, seed=seed, progress=progress)
+
+    qmodel = copy.deepcopy(model)
+    qmodel.eval()
+    result = run(qmodel, job, opts)
+    qmodel.eval()
+    qmodel.mixquant_state = QuantState(
+        method=method, config=applied, requested_bits=dict(config.bits), per_channel=per_channel,
+        symmetric=symmetric, act_bits=act_bits, input_act_bits=dict(result.input_act_bits),
+        output_act_bits=dict(result.output_act_bits), folded_bn=list(result.folded_bn),
+        options=dataclasses.asdict(opts),
+    )
+    qmodel.mixquant_report = result.report
+    if inplace:
+        model.__dict__.clear()
+        model.__dict__.update(qmodel.__dict__)
+        return model
+    return qmodel
