@@ -18,6 +18,7 @@ from ._backend import native, resolve_backend, resolve_threads
 
 Tensor = torch.Tensor
 MAX_BITS = 16
+FLT_MIN = float(torch.finfo(torch.float32).tiny)
 
 __all__ = [
     "choose_qparams",
@@ -50,6 +51,10 @@ def as_matrix(w: Tensor, ch_axis: int = 0, name: str = "tensor") -> Tensor:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(w).__name__}")
     if not w.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {w.dtype}")
+    if w.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {w.layout}")
+    if w.is_meta:
+        raise ValueError(f"{name} is a meta tensor (it has no data)")
     if w.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(w.shape)})")
     w = w.detach()
@@ -72,17 +77,30 @@ def _restore_shape(m: Tensor, like: Tensor, ch_axis: int) -> Tensor:
     return m.reshape(moved).movedim(0, ch_axis)
 
 
-def _params(scale: Tensor, zero_point: Tensor, channels: int) -> Tuple[Tensor, Tensor]:
+def _params(scale: Tensor, zero_point: Tensor, channels: int, qmax: int) -> Tuple[Tensor, Tensor]:
+    """Validated float32 scales and int32 zero points (zero points in ``[0, qmax]``)."""
     scale = torch.as_tensor(scale).detach().to(device="cpu", dtype=torch.float32).reshape(-1).contiguous()
-    zero_point = torch.as_tensor(zero_point).detach().to(device="cpu", dtype=torch.int32).reshape(-1).contiguous()
+    zero_point = torch.as_tensor(zero_point).detach().to(device="cpu").reshape(-1)
     if scale.numel() not in (1, channels) or zero_point.numel() != scale.numel():
         raise ValueError(
             f"scale and zero_point must hold 1 or {channels} values each, "
             f"got {scale.numel()} and {zero_point.numel()}"
         )
-    if not torch.isfinite(scale).all() or (scale <= 0).any():
-        raise ValueError("scale must be finite and positive")
-    return scale, zero_point
+    if not torch.isfinite(scale).all() or (scale < FLT_MIN).any():
+        raise ValueError(f"scale must be finite and >= {FLT_MIN} (the smallest normal float32)")
+    # Checked before the int32 cast, which would wrap 2**40 to 0 or truncate 2.7 to 2.
+    if zero_point.dtype == torch.bool or zero_point.is_complex():
+        raise TypeError(f"zero_point must hold integers, got dtype {zero_point.dtype}")
+    if zero_point.is_floating_point():
+        if not torch.isfinite(zero_point).all() or (zero_point != torch.round(zero_point)).any():
+            raise ValueError("zero_point must hold integer values")
+        zero_point = zero_point.double()
+    else:
+        zero_point = zero_point.to(torch.int64)
+    if (zero_point < 0).any() or (zero_point > qmax).any():
+        raise ValueError(f"zero_point must lie in [0, {qmax}], got values in "
+                         f"[{zero_point.min().item():g}, {zero_point.max().item():g}]")
+    return scale, zero_point.to(torch.int32).contiguous()
 
 
 def check_finite_minmax(m: Tensor, name: str, backend: str, num_threads: int) -> Tuple[Tensor, Tensor]:
@@ -146,11 +164,14 @@ def _codes(
 ) -> Tensor:
     bits = check_bits(bits)
     be = resolve_backend(backend)
+    nt = resolve_threads(num_threads)
     m = as_matrix(w, ch_axis, "w")
-    scale, zero_point = _params(scale, zero_point, m.shape[0])
+    scale, zero_point = _params(scale, zero_point, m.shape[0], 2**bits - 1)
+    # NaN/Inf policy: refuse (a code or a fake-quantized value of NaN would be silently finite).
+    check_finite_minmax(m, "w", be, nt)
     if be == "native":
         fn = native().fake_quantize if fake else native().quantize
-        out = fn(m.numpy(), scale.numpy(), zero_point.numpy(), bits, resolve_threads(num_threads))
+        out = fn(m.numpy(), scale.numpy(), zero_point.numpy(), bits, nt)
         out = torch.from_numpy(out.astype(np.int32) if out.dtype == np.uint16 else out)
     else:
         fn = reference.fake_quantize if fake else reference.quantize
@@ -165,7 +186,9 @@ def fake_quantize_tensor(
     """Quantize and dequantize ``w`` (float32 result, same shape).
 
     Formula (torch.fake_quantize's): ``(clamp(round(w * (1/scale)) + zp, 0, 2**bits-1) - zp) * scale``
-    with round-half-to-even.
+    with round-half-to-even. NaN or Inf in ``w`` raises ValueError (nothing is
+    propagated or saturated silently); so do scales below the smallest normal
+    float32 and zero points outside ``[0, 2**bits - 1]``.
     """
     return _codes(w, scale, zero_point, bits, ch_axis, backend, num_threads, fake=True)
 
@@ -174,7 +197,10 @@ def quantize_tensor(
     w: Tensor, scale: Tensor, zero_point: Tensor, bits: int, *, ch_axis: int = 0,
     backend: Optional[str] = None, num_threads: Optional[int] = None,
 ) -> Tensor:
-    """Integer codes of ``w`` in ``[0, 2**bits - 1]`` (uint8 for bits <= 8, else int32)."""
+    """Integer codes of ``w`` in ``[0, 2**bits - 1]`` (uint8 for bits <= 8, else int32).
+
+    NaN or Inf in ``w`` raises ValueError, as in :func:`fake_quantize_tensor`.
+    """
     return _codes(w, scale, zero_point, bits, ch_axis, backend, num_threads, fake=False)
 
 
@@ -190,11 +216,12 @@ def dequantize_tensor(
     be = resolve_backend(backend)
     moved = codes.movedim(ch_axis, 0) if codes.dim() and ch_axis % codes.dim() else codes
     m = moved.reshape(moved.shape[0] if moved.dim() else 1, -1)
-    scale, zero_point = _params(scale, zero_point, m.shape[0])
+    scale, zero_point = _params(scale, zero_point, m.shape[0], 2**MAX_BITS - 1)
     if m.min() < 0 or m.max() > 2**MAX_BITS - 1:
         raise ValueError(f"codes must lie in [0, {2**MAX_BITS - 1}]")
     if be == "native":
-        bits = 8 if m.max() < 256 else 16
+        # The core checks zero points against 2**bits - 1 too: 8 bits only if both fit.
+        bits = 8 if m.max() < 256 and zero_point.max() < 256 else 16
         raw = m.to(torch.uint8).numpy() if bits == 8 else m.to(torch.int32).numpy().astype(np.uint16)
         out = torch.from_numpy(
             native().dequantize(np.ascontiguousarray(raw), scale.numpy(), zero_point.numpy(), bits,
