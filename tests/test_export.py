@@ -86,3 +86,16 @@ def test_bad_exports_and_loads(tmp_path):
         q.layer1[0].conv1.weight.add_(1e-3)
     with pytest.raises(RuntimeError, match="layer1.0.conv1"):
         export(q, tmp_path / "tampered.safetensors")
+
+
+def test_export_never_clobbers_without_overwrite(tmp_path):
+    model = tiny_resnet()
+    q = quantize(model, mixquant.uniform(model, 4, errors=False), progress=False)
+    path = tmp_path / "q.safetensors"
+    path.write_bytes(b"precious")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        export(q, path)
+    assert path.read_bytes() == b"precious"
+    info = export(q, path, overwrite=True)
+    assert info.file_bytes == path.stat().st_size
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.safetensors"]

@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 
 from . import qmodules
+from ._io import write_bytes_atomic
 from .bitconfig import BitConfig
 from .fold import apply_fold_structure
 from .kernels import pack_bits, quantize_tensor, unpack_bits
@@ -73,7 +74,7 @@ class ExportInfo:
 def _safetensors():
     try:
         from safetensors import safe_open
-        from safetensors.torch import save_file
+        from safetensors.torch import save as save_file  # bytes, written atomically by the caller
     except ImportError as exc:  # pragma: no cover - declared dependency
         raise ImportError("mixquant.export needs the 'safetensors' package: pip install safetensors") from exc
     return safe_open, save_file
@@ -97,8 +98,11 @@ def _layer_codes(layer: nn.Module, name: str) -> torch.Tensor:
     return codes
 
 
-def export(qmodel: nn.Module, path: PathLike) -> ExportInfo:
+def export(qmodel: nn.Module, path: PathLike, *, overwrite: bool = False) -> ExportInfo:
     """Write ``qmodel`` (from :func:`mixquant.quantize`) to ``path`` as safetensors with packed integer weights.
+
+    The file is written atomically (temporary file, then rename); an existing
+    ``path`` raises FileExistsError unless ``overwrite``.
 
     Returns an :class:`ExportInfo` with the size of each part. Raises
     ValueError for a model that :func:`mixquant.quantize` did not produce and
@@ -145,8 +149,9 @@ def export(qmodel: nn.Module, path: PathLike) -> ExportInfo:
         "requested_bits": json.dumps(state.requested_bits),
     }
     path = os.fspath(path)
-    save_file(tensors, path, metadata=metadata)
-    file_bytes = os.path.getsize(path)
+    payload = save_file(tensors, metadata=metadata)
+    write_bytes_atomic(path, payload, overwrite)
+    file_bytes = len(payload)
     header = file_bytes - packed_bytes - qparam_bytes - float_bytes
     return ExportInfo(path, file_bytes, packed_bytes, qparam_bytes, float_bytes, header)
 
