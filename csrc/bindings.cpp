@@ -24,6 +24,9 @@ using U16 = py::array_t<uint16_t, py::array::c_style>;
 
 [[noreturn]] void fail(const std::string& msg) { throw py::value_error(msg); }
 
+// Upper bound on the working memory of one clip_search call (8 GiB).
+constexpr int64_t kMaxScratchBytes = int64_t{1} << 33;
+
 std::string shape_str(const py::array& a) {
   std::string s = "(";
   for (py::ssize_t d = 0; d < a.ndim(); ++d) {
@@ -262,6 +265,14 @@ py::tuple clip_search(py::object w_obj, py::object lo_obj, py::object hi_obj, py
          std::to_string(static_cast<double>(n_grid) * step));
   if (!(p > 0.0) || !std::isfinite(p)) fail("p must be finite and > 0, got " + std::to_string(p));
   const int nt = check_threads(num_threads);
+  // The fused search keeps one error sum per candidate, group and chunk: refuse
+  // requests whose working memory alone would exhaust the machine.
+  const int64_t scratch = mixquant::clip_search_scratch_bytes(C, K, S, B, n_grid, nt);
+  if (scratch > kMaxScratchBytes)
+    fail("clip_search would need " + std::to_string(scratch >> 20) + " MiB of working memory (limit " +
+         std::to_string(kMaxScratchBytes >> 20) + " MiB): use fewer grid points (n_grid=" +
+         std::to_string(n_grid) + "), fewer bit-widths (" + std::to_string(B) +
+         ") or per-channel parameters");
   py::array_t<int32_t> best({B, S});
   py::array_t<float> scale({B, S});
   py::array_t<int32_t> zp({B, S});
@@ -383,6 +394,8 @@ py::array_t<uint8_t> pack_bits(py::object codes_obj, int64_t bits) {
 py::array unpack_bits(py::object packed_obj, int64_t bits, int64_t n) {
   const int b = check_bits(bits);
   if (n < 0) fail("n must be >= 0, got " + std::to_string(n));
+  // n * bits must not overflow the 64-bit bit count of packed_bytes().
+  if (n > (int64_t{1} << 58)) fail("n is too large, got " + std::to_string(n));
   if (!py::isinstance<py::array>(packed_obj) ||
       !py::reinterpret_borrow<py::array>(packed_obj).dtype().equal(py::dtype::of<uint8_t>()))
     fail("packed must be a uint8 numpy array");

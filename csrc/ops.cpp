@@ -4,6 +4,7 @@
 
 #include <cfloat>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <vector>
 
@@ -338,6 +339,21 @@ void clip_search(const float* w, int64_t C, int64_t K, const float* lo, const fl
       zero_point[b * S + g] = z;
       lp_err[b * S + g] = e[best];
     }
+}
+
+int64_t clip_search_scratch_bytes(int64_t C, int64_t K, int64_t S, int64_t B, int64_t n_grid,
+                                  int num_threads) {
+  // Mirrors clip_search() and reduce_groups(); doubles avoid int64 overflow
+  // for absurd arguments (the result saturates at INT64_MAX).
+  const double M = static_cast<double>(B) * static_cast<double>(n_grid);
+  const int64_t G = S, L = S == 1 ? C * K : K;
+  const int nt = clamp_threads(num_threads, G * ((L + kMinChunk - 1) / kMinChunk));
+  const int64_t nc = (L + chunk_size(L) - 1) / chunk_size(L);
+  const bool chunked = !(nc == 1 || G >= 2 * static_cast<int64_t>(nt));
+  const double reduce = chunked ? static_cast<double>(G) * nc * M : static_cast<double>(nt) * M;
+  const double bytes = static_cast<double>(nt) * M * sizeof(QParam) +
+                       (static_cast<double>(G) * M + reduce) * sizeof(double);
+  return bytes >= 9.0e18 ? INT64_MAX : static_cast<int64_t>(bytes);
 }
 
 void fake_quantize(const float* w, int64_t C, int64_t K, const float* scale,

@@ -30,6 +30,12 @@ void clip_search(const float* w, int64_t C, int64_t K, const float* lo, const fl
                  double p, int num_threads, int32_t* best_index, float* scale,
                  int32_t* zero_point, double* lp_err);
 
+// Bytes of working memory clip_search allocates for these arguments (the
+// per-candidate error sums of every group and chunk, and per-thread candidate
+// parameters); the binding refuses calls that would need more than it allows.
+int64_t clip_search_scratch_bytes(int64_t C, int64_t K, int64_t S, int64_t B, int64_t n_grid,
+                                  int num_threads);
+
 void fake_quantize(const float* w, int64_t C, int64_t K, const float* scale,
                    const int32_t* zero_point, int64_t S, int bits, int num_threads, float* out);
 void quantize(const float* w, int64_t C, int64_t K, const float* scale, const int32_t* zero_point,

@@ -30,9 +30,15 @@ def _bool(value: Any, what: str) -> bool:
 
 
 def _number(value: Any, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         _fail(f"{what} must be a finite number, got {value!r}")
-    return float(value)
+    try:
+        number = float(value)  # an int beyond the float range raises OverflowError
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        _fail(f"{what} must be a finite number, got {str(value)[:40]}")
+    return number
 
 
 def parse_bitconfig(cls: type, data: Mapping[str, Any]) -> Any:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
@@ -162,16 +163,28 @@ class BitConfig:
 
     @classmethod
     def load(cls, path: PathLike) -> "BitConfig":
-        """Read a config written by :meth:`save`; ValueError for a malformed or tampered file."""
-        size = os.path.getsize(path)
-        if size > MAX_FILE_BYTES:
-            raise ValueError(f"{os.fspath(path)!r} is {size} bytes, larger than any bit config ({MAX_FILE_BYTES})")
+        """Read a config written by :meth:`save`; ValueError for a malformed or tampered file.
+
+        Only a regular file of at most 64 MiB is read; the JSON must be strict (no NaN/Infinity,
+        no duplicate keys, bounded nesting) before every field is validated.
+        """
+        shown = repr(os.fspath(path))
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):  # a FIFO or /dev/zero would block or never end
+            raise ValueError(f"{shown} is not a regular file")
+        if st.st_size > MAX_FILE_BYTES:
+            raise ValueError(f"{shown} is {st.st_size} bytes, larger than any bit config ({MAX_FILE_BYTES})")
         with open(path, "rb") as fh:
-            raw = fh.read()
+            raw = fh.read(MAX_FILE_BYTES + 1)  # the file may grow after the stat
+        if len(raw) > MAX_FILE_BYTES:
+            raise ValueError(f"{shown} is larger than any bit config ({MAX_FILE_BYTES} bytes)")
         try:
-            data = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{os.fspath(path)!r} is not a mixquant bit config (invalid JSON: {exc})") from None
+            data = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant,
+                              object_pairs_hook=_reject_duplicates)
+        except RecursionError:
+            raise ValueError(f"{shown} is not a mixquant bit config (JSON nested too deeply)") from None
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, huge integers, NaN, duplicates
+            raise ValueError(f"{shown} is not a mixquant bit config (invalid JSON: {exc})") from None
         return cls.from_dict(data)
 
     # -- display ---------------------------------------------------------
@@ -202,3 +215,12 @@ class BitConfig:
 
 def _reject_constant(token: str) -> None:
     raise ValueError(f"non-finite number {token} in a bit config")
+
+
+def _reject_duplicates(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:  # json would keep the last silently; a tampered file could hide a field
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out

@@ -195,6 +195,13 @@ def roundoff_error(
                                             np.asarray(bit_list, dtype=np.int32), nt)
     else:  # [B, 1] parameters broadcast over all rows in the reference
         sse, max_abs = (t.numpy() for t in reference.error_table(m, scale, zp, bit_list))
+    finite = np.isfinite(sse).all(axis=1) & np.isfinite(max_abs).all(axis=1)
+    if not finite.all():
+        bad = [b for b, ok in zip(bit_list, finite) if not ok]
+        amax = float(torch.maximum(lo.abs().max(), hi.abs().max()))
+        raise ValueError(f"{name}: the roundoff error at {bad} bits is not finite: values up to {amax:.4g} "
+                         "are too close to the float32 limit for the quantization grid (a grid point "
+                         "overflows float32); rescale the tensor")
     numel = m.numel()
     energy = _energy(m, lo, hi, be, nt)
     total = sse.sum(axis=1)

@@ -19,6 +19,10 @@ MODEL_HELP = (
 )
 
 
+# A legacy (non-zip) torch.save file opens with the pickled magic number.
+_LEGACY_MAGIC = b"\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19"
+
+
 def _is_torchscript(path: str) -> bool:
     if not zipfile.is_zipfile(path):
         return False
@@ -26,9 +30,20 @@ def _is_torchscript(path: str) -> bool:
         return any(name.split("/", 1)[-1].startswith("code/") for name in zf.namelist())
 
 
+def _looks_like_torch_save(path: str) -> bool:
+    """A zip archive (torch.save's format since 1.6) or a legacy torch.save pickle."""
+    if zipfile.is_zipfile(path):
+        return True
+    with open(path, "rb") as fh:
+        head = fh.read(64)
+    return head[:1] == b"\x80" and _LEGACY_MAGIC in head
+
+
 def load_model(spec: str, *, trust_file: bool = False) -> nn.Module:
     """Load the model named by ``spec`` (see :data:`MODEL_HELP`), in eval mode."""
     if os.path.exists(spec):
+        if not os.path.isfile(spec):  # a directory, FIFO or device would hang or mislead the loaders
+            raise ValueError(f"{spec!r} is not a regular file")
         model = _load_file(spec, trust_file)
     elif ":" in spec:
         module_name, _, attr = spec.partition(":")
@@ -45,12 +60,25 @@ def load_model(spec: str, *, trust_file: bool = False) -> nn.Module:
 
 
 def _load_file(path: str, trust_file: bool) -> nn.Module:
-    if _is_torchscript(path):
+    try:
+        torchscript = _is_torchscript(path)
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+        raise ValueError(f"{path!r} is not a readable model file: {exc}") from None
+    if torchscript:
         with warnings.catch_warnings():  # torch marks TorchScript deprecated; the file is still valid
             warnings.simplefilter("ignore", DeprecationWarning)
-            return torch.jit.load(path, map_location="cpu")
+            try:
+                return torch.jit.load(path, map_location="cpu")
+            except (RuntimeError, OSError, EOFError, ValueError) as exc:
+                raise ValueError(f"{path!r} is not a readable TorchScript file: {exc}") from None
+    # Anything else must be a torch.save file; other bytes (a bare pickle, garbage) are never
+    # handed to an unpickler, with or without --trust-file.
+    if not _looks_like_torch_save(path):
+        raise ValueError(f"{path!r} is not a torch.save or TorchScript file (or it is damaged or truncated)")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": not the user's concern
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if not trust_file:
             raise ValueError(
@@ -58,9 +86,14 @@ def _load_file(path: str, trust_file: bool) -> nn.Module:
                 f"({str(exc).splitlines()[0][:200]}). If it is a whole pickled module from a source you "
                 "trust, pass --trust-file: unpickling can execute code from the file."
             ) from None
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise ValueError(f"{path!r} is not a readable torch file: {exc}") from None
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                obj = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:  # unpickling can raise anything; report it, never a traceback
+            raise ValueError(f"{path!r} could not be unpickled: {type(exc).__name__}: {exc}") from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError) as exc:
+        raise ValueError(f"{path!r} is not a readable torch file: {type(exc).__name__}: {exc}") from None
     if isinstance(obj, dict):
         raise ValueError(f"{path!r} holds a state_dict, not a model: pass 'package.module:factory' "
                          "for the architecture instead")
