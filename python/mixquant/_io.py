@@ -9,6 +9,12 @@ from typing import Union
 PathLike = Union[str, "os.PathLike[str]"]
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_bytes_atomic(path: PathLike, payload: bytes, overwrite: bool = False) -> None:
     """Write ``payload`` to ``path`` so that readers see the old file or the whole new one.
 
@@ -26,6 +32,7 @@ def write_bytes_atomic(path: PathLike, payload: bytes, overwrite: bool = False) 
             fh.write(payload)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
         if overwrite:
             os.replace(tmp, path)
         else:

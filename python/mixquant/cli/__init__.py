@@ -8,7 +8,7 @@ import sys
 from typing import List, Optional
 
 # Each module registers one sub-command through its ``register(subparsers)``.
-_COMMAND_MODULES = ["search_cmd"]
+_COMMAND_MODULES = ["search_cmd", "quantize_cmd", "evaluate_cmd", "demo_cmd", "experiment_cmd"]
 
 
 def build_parser() -> argparse.ArgumentParser:

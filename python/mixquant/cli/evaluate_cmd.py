@@ -1,0 +1,101 @@
+"""``mixquant evaluate``: accuracy of a quantized model file, and its fidelity to the float model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+
+from .model_io import MODEL_HELP, load_model
+from .quantize_cmd import DATA_HELP, add_data_options, load_inputs
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="evaluate a quantized model file: accuracy, and top-1 agreement / KL against the float model",
+        description="Load QMODEL (written by `mixquant quantize` or mixquant.export) into a fresh MODEL, run both "
+        "on --data and report top-1 accuracy of each (when the data has labels), the share of inputs where "
+        "their top-1 classes agree and the mean KL(float || quantized) of their softmax outputs. " + MODEL_HELP,
+    )
+    p.add_argument("model", metavar="MODEL", help="the float model: package.module:factory, TorchScript or torch.save file")
+    p.add_argument("qmodel", metavar="QMODEL", help="the quantized model file (.safetensors)")
+    p.add_argument("--data", required=True, help="evaluation data: " + DATA_HELP)
+    p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size (default 256)")
+    p.add_argument("--json", help="also write the numbers to this JSON file")
+    p.add_argument("--overwrite", action="store_true", help="replace --json if it exists")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    add_data_options(p)
+    p.add_argument("--trust-file", action="store_true",
+                   help="allow unpickling a whole module from MODEL (can run code from the file; only for trusted files)")
+    p.set_defaults(func=run)
+
+
+@torch.no_grad()
+def _logits(model: torch.nn.Module, x: torch.Tensor, bs: int) -> torch.Tensor:
+    model.eval()
+    outs = [model(x[i:i + bs]) for i in range(0, x.shape[0], bs)]
+    if not all(isinstance(o, torch.Tensor) and o.dim() == 2 for o in outs):
+        raise ValueError("evaluate needs a classifier whose output is logits [batch, classes]")
+    return torch.cat(outs).float()
+
+
+def evaluate_files(model_spec: str, qpath: str, x: torch.Tensor, y=None, *, batch_size: int = 256,
+                   trust_file: bool = False) -> dict:
+    """Numbers reported by ``mixquant evaluate`` (also usable from Python)."""
+    import torch.nn.functional as F
+
+    from ..export import load_quantized
+    from ..quantize import quant_info
+
+    if batch_size < 1:
+        raise ValueError("--batch-size must be >= 1")
+    fp_model = load_model(model_spec, trust_file=trust_file)
+    qmodel = load_quantized(qpath, load_model(model_spec, trust_file=trust_file))
+    lf = _logits(fp_model, x, batch_size)
+    lq = _logits(qmodel, x, batch_size)
+    logp, logq = F.log_softmax(lf, 1), F.log_softmax(lq, 1)
+    info = quant_info(qmodel)
+    out = {
+        "samples": int(x.shape[0]),
+        "method": info.method,
+        "avg_bits": info.avg_bits,
+        "size_bytes": info.size_bytes,
+        "agreement": (lq.argmax(1) == lf.argmax(1)).float().mean().item(),
+        "kl": (logp.exp() * (logp - logq)).sum(1).clamp_min(0).mean().item(),
+    }
+    if y is not None:
+        if int(y.min()) < 0 or int(y.max()) >= lf.shape[1]:
+            raise ValueError(f"labels must be class indices in [0, {lf.shape[1]})")
+        out["float_top1"] = (lf.argmax(1) == y).float().mean().item()
+        out["quantized_top1"] = (lq.argmax(1) == y).float().mean().item()
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.json and os.path.exists(args.json) and not args.overwrite:
+        raise FileExistsError(f"{args.json!r} exists; pass --overwrite to replace it")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
+    x, y = load_inputs(args.data, image_size=args.image_size, resize=args.resize)
+    res = evaluate_files(args.model, args.qmodel, x, y, batch_size=args.batch_size, trust_file=args.trust_file)
+    print(f"{res['samples']} inputs; quantized model: {res['method']}, average {res['avg_bits']:.3f} weight bits, "
+          f"{res['size_bytes']} bytes of packed weights, scales and zero points")
+    if "float_top1" in res:
+        print(f"top-1 accuracy: float {100 * res['float_top1']:.2f} %, quantized {100 * res['quantized_top1']:.2f} %")
+    else:
+        print("no labels in --data: accuracy not measured")
+    print(f"top-1 agreement with the float model: {100 * res['agreement']:.2f} %")
+    print(f"mean KL(float || quantized): {res['kl']:.5f} nats")
+    if args.json:
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump(res, fh, indent=1)
+            fh.write("\n")
+        os.replace(tmp, args.json)
+        print(f"wrote {args.json}")
+    return 0

@@ -1,0 +1,128 @@
+"""``mixquant demo`` end to end (reduced), and the quantize → evaluate CLI round trip."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+import mixquant
+from mixquant import zoo
+from mixquant.cli import main
+
+pytest.importorskip("matplotlib")
+
+
+def _have_photos() -> bool:
+    try:
+        zoo.imagenet_photos()
+        zoo.unlabelled_photos()
+        zoo.mobilenet_v2()
+    except zoo.MissingDataError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _have_photos(), reason="offline MobileNetV2 / photos not installed (scripts/install_data.sh)")
+def test_demo_quick_writes_every_report_file(tmp_path, capsys):
+    from mixquant.demo import REPORT_FILES
+    from mixquant.experiments.plots import is_png
+
+    out = tmp_path / "report"
+    assert main(["demo", "--quick", "--out", str(out), "--threads", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "[5/5]" in printed and str(out / "report.md") in printed
+    for name in REPORT_FILES:
+        assert (out / name).is_file(), name
+    for name in REPORT_FILES:
+        if name.endswith(".png"):
+            assert is_png(str(out / name)), name
+    report = json.loads((out / "report.json").read_text())
+    assert report["quick"] and report["avg_bits"] == 4.0
+    configs = {(r["method"], r["config"]) for r in report["runs"]}
+    assert configs == {("asymmetric", "uniform 4"), ("asymmetric", "MixQuant"), ("brecq", "uniform 4"),
+                       ("brecq", "MixQuant")}
+    for r in report["runs"]:
+        assert r["avg_bits"] == pytest.approx(4.0, abs=1e-9) or r["avg_bits"] < 4.0
+        assert set(r["metrics"]) == {"top1", "top1_views", "agree", "kl"}
+    cfg = mixquant.BitConfig.load(str(out / "bits.json"))
+    assert cfg.avg_bits <= 4.0 + 1e-9
+    assert "report.json" in (out / "report.md").read_text() or "bits.json" in (out / "report.md").read_text()
+    # an existing report is kept unless --overwrite
+    assert main(["demo", "--quick", "--out", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_demo_rejects_bad_avg_bits(tmp_path):
+    assert main(["demo", "--quick", "--avg-bits", "1", "--out", str(tmp_path / "r")]) == 2
+
+
+def _tiny_data(tmp_path, labelled: bool):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(24, 3, 16, 16, generator=g)
+    path = tmp_path / ("data.pt" if labelled else "calib.pt")
+    if labelled:
+        torch.save({"x": x, "y": torch.randint(0, 10, (24,), generator=g)}, path)
+    else:
+        torch.save(x, path)
+    return str(path)
+
+
+def test_cli_quantize_evaluate_round_trip(tmp_path, capsys):
+    from conftest import make_small_net
+
+    cfg_path = str(tmp_path / "bits.json")
+    mixquant.search(make_small_net(), avg_bits=4.0).save(cfg_path)
+    calib = _tiny_data(tmp_path, labelled=False)
+    data = _tiny_data(tmp_path, labelled=True)
+    q1 = str(tmp_path / "asym.safetensors")
+    assert main(["quantize", "conftest:make_small_net", "--config", cfg_path, "--method", "asymmetric",
+                 "--out", q1]) == 0
+    assert "wrote" in capsys.readouterr().out
+    res = str(tmp_path / "eval.json")
+    assert main(["evaluate", "conftest:make_small_net", q1, "--data", data, "--json", res]) == 0
+    with open(res) as fh:
+        got = json.load(fh)
+    assert got["samples"] == 24 and {"float_top1", "quantized_top1", "agreement", "kl"} <= set(got)
+    # the file reproduces the in-memory quantized model exactly
+    qmodel = mixquant.quantize(make_small_net(), mixquant.BitConfig.load(cfg_path), "asymmetric", progress=False)
+    x = torch.load(data, weights_only=True)["x"]
+    with torch.no_grad():
+        ref = qmodel(x).argmax(1)
+        fp = make_small_net().eval()(x).argmax(1)
+    assert got["agreement"] == pytest.approx((ref == fp).float().mean().item())
+    assert got["avg_bits"] == pytest.approx(mixquant.BitConfig.load(cfg_path).avg_bits)
+
+    # BRECQ with activations, from a calibration tensor file
+    q2 = str(tmp_path / "brecq.safetensors")
+    assert main(["quantize", "conftest:make_small_net", "--config", cfg_path, "--method", "brecq", "--calib", calib,
+                 "--iters", "2", "--act-iters", "2", "--num-samples", "8", "--batch-size", "4", "--act-bits", "8",
+                 "--out", q2]) == 0
+    assert main(["evaluate", "conftest:make_small_net", q2, "--data", calib]) == 0
+    assert "no labels" in capsys.readouterr().out
+
+    # never clobber; bad combinations are errors
+    assert main(["quantize", "conftest:make_small_net", "--config", cfg_path, "--out", q1]) == 2
+    assert main(["evaluate", "conftest:make_small_net", q1, "--data", data, "--json", res]) == 2
+    assert main(["quantize", "conftest:make_small_net", "--config", cfg_path, "--method", "brecq",
+                 "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert main(["quantize", "conftest:make_small_net", "--config", cfg_path, "--iters", "3",
+                 "--out", str(tmp_path / "y.safetensors")]) == 2
+    assert not os.path.exists(tmp_path / "x.safetensors")
+
+
+def test_cli_calibration_from_an_image_folder(tmp_path):
+    from PIL import Image
+
+    from mixquant.cli.quantize_cmd import load_inputs
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("RGB", (40 + i, 30), color=(10 * i, 100, 200)).save(folder / f"{i}.png")
+    x, y = load_inputs(str(folder), image_size=16)
+    assert x.shape == (3, 3, 16, 16) and y is None
+    with pytest.raises(ValueError, match="no images"):
+        load_inputs(str(tmp_path))  # holds only a folder
