@@ -3,7 +3,9 @@
 Compares, in one run and on the weight shapes of ResNet-18 and ResNet-50
 (kaiming-normal, seed 0):
 
-* ``native``: mixquant's fused C++ error table (all bit-widths in one pass);
+* ``native``: ``mixquant.roundoff_error`` on the native backend (min/max pass, quantization
+  parameters, then the fused C++ error table serving all bit-widths and the energy in one pass);
+* ``native_kernel``: the bare fused kernel ``_core.error_table`` on precomputed parameters;
 * ``reference``: mixquant's pure-PyTorch twin;
 * ``torch_loop``: a loop over bit-widths of ``torch.fake_quantize_per_{tensor,channel}_affine``
   plus the squared-error sum (what a user would write with plain torch);
@@ -29,6 +31,7 @@ import sys
 import time
 from typing import Callable, Dict, List
 
+import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -56,6 +59,26 @@ def table_with(weights, per_channel: bool, backend: str, threads: int):
     def run():
         for w in weights:
             mixquant.roundoff_error(w, BITS, per_channel=per_channel, backend=backend, num_threads=threads)
+    return run
+
+
+def kernel_only(weights, per_channel: bool, threads: int):
+    """The bare fused kernel (``_core.error_table``) on precomputed parameters: no min/max, no Python."""
+    from mixquant import _core
+
+    bits = np.asarray(BITS, dtype=np.int32)
+    jobs = []
+    for w in weights:
+        m = w.reshape(w.shape[0], -1).contiguous().numpy()
+        lo, hi, _ = _core.channel_minmax(m, 1)
+        if not per_channel:
+            lo, hi = lo.min(keepdims=True), hi.max(keepdims=True)
+        params = [_core.qparams(lo, hi, int(b), False) for b in bits]
+        jobs.append((m, np.stack([p[0] for p in params]), np.stack([p[1] for p in params])))
+
+    def run():
+        for m, scale, zp in jobs:
+            _core.error_table(m, scale, zp, bits, threads)
     return run
 
 
@@ -93,6 +116,8 @@ def main() -> None:
     parser.add_argument("--json", help="write the records to this file")
     parser.add_argument("--repeat", type=int, default=5, help="timed runs per case (median; default 5)")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--only", nargs="+", choices=["table", "clip", "search"], default=["table", "clip", "search"],
+                        help="which groups of cases to run (default all)")
     parser.add_argument("--clip-repeat", type=int, default=5,
                         help="timed runs of the clipping search (the reference takes minutes at 5)")
     args = parser.parse_args()
@@ -109,20 +134,22 @@ def main() -> None:
 
     print(f"mixquant {mixquant.__version__}, SIMD {mixquant.simd_level()}, torch {torch.__version__}, "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus")
-    for model, weights in models.items():
+    for model, weights in models.items() if "table" in args.only else ():
         n = sum(w.numel() for w in weights)
         for per_channel in (False, True):
             case = f"error_table/{model}/{'per_channel' if per_channel else 'per_tensor'}"
             for threads in args.threads:
+                t_ker = record(case, "native_kernel", threads, kernel_only(weights, per_channel, threads), args.repeat)
                 t_nat = record(case, "native", threads, table_with(weights, per_channel, "native", threads), args.repeat)
                 t_ref = record(case, "reference", threads, table_with(weights, per_channel, "reference", threads), args.repeat)
                 t_tql = record(case, "torch_loop", threads, torch_loop(weights, per_channel), args.repeat)
-                print(f"    -> {n / 1e6:.1f} M weights: native {n / t_nat / threads / 1e9:.2f} G elem/s/thread "
-                      f"(all {len(BITS)} bit-widths), {t_ref / t_nat:.1f}x vs reference, "
+                print(f"    -> {n / 1e6:.1f} M weights, all {len(BITS)} bit-widths: fused kernel "
+                      f"{n / t_ker / threads / 1e9:.2f} G elem/s/thread, whole roundoff_error "
+                      f"{n / t_nat / threads / 1e9:.2f} G elem/s/thread; {t_ref / t_nat:.1f}x vs reference, "
                       f"{t_tql / t_nat:.1f}x vs torch loop")
 
     weights = models["resnet18"]
-    for threads in args.threads:
+    for threads in args.threads if "clip" in args.only else ():
         t_nat = record("clip_search/resnet18/per_channel", "native", threads, clip_with(weights, "native", threads),
                        args.clip_repeat)
         t_ref = record("clip_search/resnet18/per_channel", "reference", threads,
@@ -130,7 +157,7 @@ def main() -> None:
         print(f"    -> clipping search (80 ratios x {len(BITS)} bit-widths): {t_ref / t_nat:.1f}x vs reference")
 
     model = resnet50()
-    for threads in args.threads:
+    for threads in args.threads if "search" in args.only else ():
         t = record("search/resnet50/per_channel/avg_bits=4", "native", threads,
                    lambda: mixquant.search(model, BITS, avg_bits=4.0, num_threads=threads), args.repeat)
         print(f"    -> whole search of ResNet-50 (54 layers, 25.5 M weights): {t * 1e3:.1f} ms")

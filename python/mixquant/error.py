@@ -102,20 +102,34 @@ _FLT_MAX = float(torch.finfo(torch.float32).max)
 _FLT_MIN = float(torch.finfo(torch.float32).tiny)
 
 
-def _energy(m: Tensor, lo: Tensor, hi: Tensor, be: str, nt: int) -> float:
-    """``sum(w**2)`` in double without a float64 copy of ``w``.
+def _energy_scales(lo: Tensor, hi: Tensor, groups: int) -> Optional[Tensor]:
+    """Grid steps that turn the error table into ``sum(w**2)``, or None when they cannot.
 
-    Natively this is the error table of a quantizer whose grid step is 4x each
-    row's largest magnitude: every weight rounds to code 0, so the "error" is
-    the weight itself, and the kernel's overflow-safe accumulation applies.
+    A quantizer whose step is 4x the largest magnitude of its group rounds
+    every weight to code 0, so its "error" is the weight itself: one more row
+    of the fused error table gives the energy in double, with the kernel's
+    overflow-safe accumulation and no float64 copy of the tensor. Beyond
+    FLT_MAX / 8 the step would overflow, and the caller sums in float64 instead.
     """
     amax = torch.maximum(lo.abs(), hi.abs())
-    if be != "native" or float(amax.max()) > _FLT_MAX / 8:  # beyond that the trick would round to 1
-        return float(m.double().square().sum())
-    scale = torch.where(amax > 0, amax * 4, torch.ones_like(amax)).clamp_min(_FLT_MIN).reshape(1, -1)
-    zero = np.zeros(tuple(scale.shape), dtype=np.int32)
-    sse, _ = native().error_table(m.numpy(), scale.numpy(), zero, np.array([1], dtype=np.int32), nt)
-    return float(sse.sum())
+    if groups == 1:
+        amax = amax.max().reshape(1)
+    if float(amax.max()) > _FLT_MAX / 8:
+        return None
+    return torch.where(amax > 0, amax * 4, torch.ones_like(amax)).clamp_min(_FLT_MIN)
+
+
+def _native_table(m: Tensor, lo: Tensor, hi: Tensor, scale: Tensor, zp: Tensor, bits: List[int], nt: int):
+    """Native error table of ``bits`` plus the tensor's energy, in one pass over the data."""
+    steps = _energy_scales(lo, hi, scale.shape[1])
+    if steps is None:
+        sse, max_abs = native().error_table(m.numpy(), scale.numpy(), zp.numpy(), np.asarray(bits, np.int32), nt)
+        return sse, max_abs, float(m.double().square().sum())
+    all_scale = torch.cat([scale, steps.reshape(1, -1)]).contiguous()
+    all_zp = torch.cat([zp, torch.zeros(1, scale.shape[1], dtype=torch.int32)]).contiguous()
+    sse, max_abs = native().error_table(m.numpy(), all_scale.numpy(), all_zp.numpy(),
+                                        np.asarray(bits + [1], np.int32), nt)
+    return sse[:-1], max_abs[:-1], float(sse[-1].sum())
 
 
 def clip_search(
@@ -191,10 +205,10 @@ def roundoff_error(
             else:
                 scale[i], zp[i] = reference.qparams(lo, hi, b, bool(symmetric))
     if be == "native":
-        sse, max_abs = native().error_table(m.numpy(), scale.numpy(), zp.numpy(),
-                                            np.asarray(bit_list, dtype=np.int32), nt)
+        sse, max_abs, energy = _native_table(m, lo, hi, scale, zp, bit_list, nt)
     else:  # [B, 1] parameters broadcast over all rows in the reference
         sse, max_abs = (t.numpy() for t in reference.error_table(m, scale, zp, bit_list))
+        energy = float(m.double().square().sum())
     finite = np.isfinite(sse).all(axis=1) & np.isfinite(max_abs).all(axis=1)
     if not finite.all():
         bad = [b for b, ok in zip(bit_list, finite) if not ok]
@@ -203,7 +217,6 @@ def roundoff_error(
                          "are too close to the float32 limit for the quantization grid (a grid point "
                          "overflows float32); rescale the tensor")
     numel = m.numel()
-    energy = _energy(m, lo, hi, be, nt)
     total = sse.sum(axis=1)
     return RoundoffError(
         bits=np.asarray(bit_list, dtype=np.int64),
