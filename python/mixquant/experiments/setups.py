@@ -162,21 +162,35 @@ def _mobilenet_v2(scale: Scale) -> Setup:
 # --------------------------------------------------------------------------
 
 
-def _fmnist_eval(scale: Scale) -> EvalData:
-    from .. import zoo
+def _test_split(loader: str, normalize: str, label: str) -> Callable[[Scale], EvalData]:
+    """Evaluation data: the test split of a zoo data set (``zoo.<loader>``), normalised."""
 
-    x, y = zoo.fashion_mnist("test")
-    if scale.eval_limit is not None:
-        x, y = x[: scale.eval_limit], y[: scale.eval_limit]
-    return EvalData(zoo.fashion_mnist_normalize(x), y, None, f"Fashion-MNIST test set, {x.shape[0]} images")
+    def load(scale: Scale) -> EvalData:
+        from .. import zoo
+
+        x, y = getattr(zoo, loader)("test")
+        if scale.eval_limit is not None:
+            x, y = x[: scale.eval_limit], y[: scale.eval_limit]
+        return EvalData(getattr(zoo, normalize)(x), y, None, f"{label} test set, {x.shape[0]} images")
+
+    return load
 
 
-def _fmnist_calib(scale: Scale, seed: int) -> torch.Tensor:
-    from .. import zoo
+def _train_draw(loader: str, normalize: str) -> Callable[[Scale, int], torch.Tensor]:
+    """Calibration data: a seeded random draw from the training split, normalised."""
 
-    x, _ = zoo.fashion_mnist("train")
-    idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[: scale.calib]
-    return zoo.fashion_mnist_normalize(x[idx])
+    def load(scale: Scale, seed: int) -> torch.Tensor:
+        from .. import zoo
+
+        x, _ = getattr(zoo, loader)("train")
+        idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[: scale.calib]
+        return getattr(zoo, normalize)(x[idx])
+
+    return load
+
+
+_fmnist_eval = _test_split("fashion_mnist", "fashion_mnist_normalize", "Fashion-MNIST")
+_fmnist_calib = _train_draw("fashion_mnist", "fashion_mnist_normalize")
 
 
 def _resnet20(scale: Scale) -> Setup:
@@ -210,21 +224,8 @@ def _resnet20(scale: Scale) -> Setup:
 # --------------------------------------------------------------------------
 
 
-def _mnist_eval(scale: Scale) -> EvalData:
-    from .. import zoo
-
-    x, y = zoo.mnist("test")
-    if scale.eval_limit is not None:
-        x, y = x[: scale.eval_limit], y[: scale.eval_limit]
-    return EvalData(zoo.mnist_normalize(x), y, None, f"MNIST test set, {x.shape[0]} images")
-
-
-def _mnist_calib(scale: Scale, seed: int) -> torch.Tensor:
-    from .. import zoo
-
-    x, _ = zoo.mnist("train")
-    idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[: scale.calib]
-    return zoo.mnist_normalize(x[idx])
+_mnist_eval = _test_split("mnist", "mnist_normalize", "MNIST")
+_mnist_calib = _train_draw("mnist", "mnist_normalize")
 
 
 def _mnist(name: str, title: str, factory: Callable[[], nn.Module]) -> Callable[[Scale], Setup]:
