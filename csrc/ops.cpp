@@ -356,49 +356,45 @@ int64_t clip_search_scratch_bytes(int64_t C, int64_t K, int64_t S, int64_t B, in
   return bytes >= 9.0e18 ? INT64_MAX : static_cast<int64_t>(bytes);
 }
 
-void fake_quantize(const float* w, int64_t C, int64_t K, const float* scale,
-                   const int32_t* zero_point, int64_t S, int bits, int num_threads, float* out) {
-  const KernelTable* t = current_table();
+namespace {
+
+// Element-wise map of x[C, K] through one of the table's per-range kernels,
+// row r using parameter set r (per channel) or 0 (per tensor).
+template <class In, class Out>
+void map_rows(const In* x, int64_t C, int64_t K, const float* scale, const int32_t* zero_point,
+              int64_t S, int bits, int num_threads, Out* out,
+              void (*kernel)(const In*, int64_t, const QParam*, Out*)) {
   const std::vector<QParam> qp = make_qparams(scale, zero_point, S, bits);
   for_each_chunk(C, K, num_threads, [&](int64_t r, int64_t off, int64_t n) {
-    t->fake_quant(w + r * K + off, n, &qp[S == 1 ? 0 : r], out + r * K + off);
+    kernel(x + r * K + off, n, &qp[S == 1 ? 0 : r], out + r * K + off);
   });
+}
+
+}  // namespace
+
+void fake_quantize(const float* w, int64_t C, int64_t K, const float* scale,
+                   const int32_t* zero_point, int64_t S, int bits, int num_threads, float* out) {
+  map_rows(w, C, K, scale, zero_point, S, bits, num_threads, out, current_table()->fake_quant);
 }
 
 void quantize(const float* w, int64_t C, int64_t K, const float* scale, const int32_t* zero_point,
               int64_t S, int bits, int num_threads, uint8_t* out) {
-  const KernelTable* t = current_table();
-  const std::vector<QParam> qp = make_qparams(scale, zero_point, S, bits);
-  for_each_chunk(C, K, num_threads, [&](int64_t r, int64_t off, int64_t n) {
-    t->quant_u8(w + r * K + off, n, &qp[S == 1 ? 0 : r], out + r * K + off);
-  });
+  map_rows(w, C, K, scale, zero_point, S, bits, num_threads, out, current_table()->quant_u8);
 }
 
 void quantize(const float* w, int64_t C, int64_t K, const float* scale, const int32_t* zero_point,
               int64_t S, int bits, int num_threads, uint16_t* out) {
-  const KernelTable* t = current_table();
-  const std::vector<QParam> qp = make_qparams(scale, zero_point, S, bits);
-  for_each_chunk(C, K, num_threads, [&](int64_t r, int64_t off, int64_t n) {
-    t->quant_u16(w + r * K + off, n, &qp[S == 1 ? 0 : r], out + r * K + off);
-  });
+  map_rows(w, C, K, scale, zero_point, S, bits, num_threads, out, current_table()->quant_u16);
 }
 
 void dequantize(const uint8_t* codes, int64_t C, int64_t K, const float* scale,
                 const int32_t* zero_point, int64_t S, int bits, int num_threads, float* out) {
-  const KernelTable* t = current_table();
-  const std::vector<QParam> qp = make_qparams(scale, zero_point, S, bits);
-  for_each_chunk(C, K, num_threads, [&](int64_t r, int64_t off, int64_t n) {
-    t->dequant_u8(codes + r * K + off, n, &qp[S == 1 ? 0 : r], out + r * K + off);
-  });
+  map_rows(codes, C, K, scale, zero_point, S, bits, num_threads, out, current_table()->dequant_u8);
 }
 
 void dequantize(const uint16_t* codes, int64_t C, int64_t K, const float* scale,
                 const int32_t* zero_point, int64_t S, int bits, int num_threads, float* out) {
-  const KernelTable* t = current_table();
-  const std::vector<QParam> qp = make_qparams(scale, zero_point, S, bits);
-  for_each_chunk(C, K, num_threads, [&](int64_t r, int64_t off, int64_t n) {
-    t->dequant_u16(codes + r * K + off, n, &qp[S == 1 ? 0 : r], out + r * K + off);
-  });
+  map_rows(codes, C, K, scale, zero_point, S, bits, num_threads, out, current_table()->dequant_u16);
 }
 
 namespace {

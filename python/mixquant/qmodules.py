@@ -179,30 +179,26 @@ def _output_quant_hook(module: nn.Module, args: tuple, output: object) -> object
     return output
 
 
-def attach_input_quantizer(layer: nn.Module, bits: int, name: str = "layer") -> ActQuantizer:
-    """Give ``layer`` an ``input_quantizer`` child applied to its first input by a pre-hook."""
-    if hasattr(layer, INPUT_QUANTIZER):
-        raise ValueError(f"{name!r} already has an attribute {INPUT_QUANTIZER!r} (is the model already quantized?)")
-    quantizer = ActQuantizer(bits)
-    p = next(layer.parameters(), None)
-    if p is not None:
-        quantizer.to(p.device)
-    layer.add_module(INPUT_QUANTIZER, quantizer)
-    layer.register_forward_pre_hook(_input_quant_hook)
-    return quantizer
-
-
-def attach_output_quantizer(module: nn.Module, bits: int, name: str = "module") -> ActQuantizer:
-    """Give ``module`` an ``output_quantizer`` child applied to its tensor output by a forward hook."""
-    if hasattr(module, OUTPUT_QUANTIZER):
-        raise ValueError(f"{name!r} already has an attribute {OUTPUT_QUANTIZER!r} (is the model already quantized?)")
+def _attach(module: nn.Module, attr: str, bits: int, name: str, register_hook) -> ActQuantizer:
+    if hasattr(module, attr):
+        raise ValueError(f"{name!r} already has an attribute {attr!r} (is the model already quantized?)")
     quantizer = ActQuantizer(bits)
     p = next(module.parameters(), None)
     if p is not None:
         quantizer.to(p.device)
-    module.add_module(OUTPUT_QUANTIZER, quantizer)
-    module.register_forward_hook(_output_quant_hook)
+    module.add_module(attr, quantizer)
+    register_hook()
     return quantizer
+
+
+def attach_input_quantizer(layer: nn.Module, bits: int, name: str = "layer") -> ActQuantizer:
+    """Give ``layer`` an ``input_quantizer`` child applied to its first input by a pre-hook."""
+    return _attach(layer, INPUT_QUANTIZER, bits, name, lambda: layer.register_forward_pre_hook(_input_quant_hook))
+
+
+def attach_output_quantizer(module: nn.Module, bits: int, name: str = "module") -> ActQuantizer:
+    """Give ``module`` an ``output_quantizer`` child applied to its tensor output by a forward hook."""
+    return _attach(module, OUTPUT_QUANTIZER, bits, name, lambda: module.register_forward_hook(_output_quant_hook))
 
 
 def act_quantizers(module: nn.Module) -> Iterator[Tuple[str, ActQuantizer]]:
