@@ -140,11 +140,14 @@ int range_exponent(float scale, double p) {
   return e;
 }
 
-// sum * 2^(p*E), exact when p*E is an integer.
+// sum * 2^(p*E), exact when p*E is an integer.  Beyond +-4096 the result is
+// 0 or inf either way (double exponents end at +-1074); exp2 saturates there
+// and the int cast, undefined for such values, is never reached.
 double unscale_sum(double sum, double p, int e) {
-  if (e == 0) return sum;
+  // 0 stays 0 and an overflowed (inf) sum stays inf: never inf * 0 = NaN.
+  if (e == 0 || sum == 0.0 || std::isinf(sum)) return sum;
   const double pe = p * static_cast<double>(e);
-  if (pe == std::floor(pe)) return std::ldexp(sum, static_cast<int>(pe));
+  if (pe == std::floor(pe) && std::fabs(pe) <= 4096.0) return std::ldexp(sum, static_cast<int>(pe));
   return sum * std::exp2(pe);
 }
 

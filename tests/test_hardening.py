@@ -646,3 +646,13 @@ def test_cli_out_is_not_clobbered_on_failure(tmp_path):
     out.write_text("precious")
     assert main(["search", "conftest:make_small_net", "--qem", "4", "--out", str(out)]) == 2
     assert out.read_text() == "precious"
+
+
+@pytest.mark.parametrize("p", [1e17, 5000.0, 0.001])
+def test_extreme_p_on_rescaled_ranges(p):
+    # Tiny weights make the core rescale errors by 2^-E; with a huge p the
+    # unscaling exponent p*E leaves int range (found by the binding fuzz under UBSan).
+    w = torch.randn(4, 50, generator=torch.Generator().manual_seed(0)) * 1e-30
+    out = mixquant.clip_search(w, [2, 4], p=p, n_grid=5, step=0.1, backend="native")
+    assert not torch.isnan(out.lp_err).any() and (out.lp_err >= 0).all()
+    assert (out.scale > 0).all()
