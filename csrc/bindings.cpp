@@ -242,6 +242,29 @@ py::tuple error_table(py::object w_obj, py::object scale_obj, py::object zp_obj,
   return py::make_tuple(sse, max_abs);
 }
 
+py::tuple minmax_error_table(py::object w_obj, py::object bits_obj, bool per_channel,
+                             bool symmetric, int64_t num_threads) {
+  int64_t C, K;
+  F32 w = weight_arg(w_obj, false, &C, &K);
+  const std::vector<int> bits = bits_list(bits_obj);
+  const int64_t B = static_cast<int64_t>(bits.size());
+  const int64_t S = per_channel ? C : 1;
+  const int nt = check_threads(num_threads);
+  py::array_t<float> lo(C), hi(C), scale({B, S}), max_abs({B, C});
+  py::array_t<int32_t> zp({B, S});
+  py::array_t<double> sse({B, C}), energy(C);
+  int64_t bad = 0;
+  {
+    py::gil_scoped_release release;
+    const std::vector<int32_t> bits32(bits.begin(), bits.end());
+    mixquant::minmax_error_table(w.data(), C, K, bits32.data(), B, per_channel, symmetric, nt,
+                                 lo.mutable_data(), hi.mutable_data(), scale.mutable_data(),
+                                 zp.mutable_data(), sse.mutable_data(), max_abs.mutable_data(),
+                                 energy.mutable_data(), &bad);
+  }
+  return py::make_tuple(lo, hi, scale, zp, sse, max_abs, energy, bad);
+}
+
 py::tuple clip_search(py::object w_obj, py::object lo_obj, py::object hi_obj, py::object bits_obj,
                       bool symmetric, int64_t n_grid, double step, double p, int64_t num_threads) {
   int64_t C, K;
@@ -440,6 +463,10 @@ PYBIND11_MODULE(_core, m) {
         "(scale float32, zero_point int32) from ranges (lo, hi); zero is included first.");
   m.def("error_table", &error_table, "w"_a, "scale"_a, "zero_point"_a, "bits"_a, "num_threads"_a,
         "(sse float64[B, C], max_abs float32[B, C]) of fake-quantization errors for B bit-widths.");
+  m.def("minmax_error_table", &minmax_error_table, "w"_a, "bits"_a, "per_channel"_a, "symmetric"_a,
+        "num_threads"_a,
+        "Min/max quantizers of every bit-width and their error table in one call: (lo[C], hi[C], "
+        "scale[B, S], zero_point[B, S], sse[B, C], max_abs[B, C], energy[C], n_nonfinite).");
   m.def("clip_search", &clip_search, "w"_a, "lo"_a, "hi"_a, "bits"_a, "symmetric"_a, "n_grid"_a,
         "step"_a, "p"_a, "num_threads"_a,
         "Grid search of range shrink factors 1 - i*step minimising sum |e|^p; returns "

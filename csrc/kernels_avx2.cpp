@@ -45,6 +45,8 @@ struct Vec {
   static V max(V a, V b) { return _mm256_max_ps(a, b); }
   static V round_ne(V x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
   static V abs(V x) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x); }
+  // max(m, |e|) for finite e and m >= 0.
+  static V absmax(V m, V e) { return max(m, abs(e)); }
   static double hsum(V x) {
     const __m256d a = _mm256_cvtps_pd(_mm256_castps256_ps128(x));
     const __m256d b = _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1));

@@ -51,6 +51,9 @@ struct Vec {
   // imm8 = 0x08: round to nearest even, no scaling, suppress exceptions.
   static V round_ne(V x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
   static V abs(V x) { return _mm512_abs_ps(x); }
+  // max(m, |e|) for finite e and m >= 0 in one instruction: VRANGEPS with
+  // imm8 = 0b1011 (larger magnitude, sign cleared).
+  static V absmax(V m, V e) { return _mm512_range_ps(m, e, 0x0B); }
   static double hsum(V x) {
     const __m512d a = _mm512_cvtps_pd(_mm512_castps512_ps256(x));
     const __m512d b = _mm512_cvtps_pd(_mm512_extractf32x8_ps(x, 1));

@@ -62,14 +62,18 @@ inline QV broadcast(const QParam& q) {
 // that).  We multiply by the float reciprocal rather than divide because that
 // is exactly torch's formula (inv_scale = 1.0f / scale) and it keeps the
 // divider out of the inner loop.
+template <bool kClamp = true>
 inline V q_index(V w, const QV& q) {
   const V r = Vec::round_ne(Vec::mul(w, q.inv));
-  return Vec::min(Vec::max(r, q.tlo), q.thi);
+  return kClamp ? Vec::min(Vec::max(r, q.tlo), q.thi) : r;
 }
 
 // e = w - w_hat, both rounded to float32 exactly like torch (no FMA here: the
 // build uses -ffp-contract=off so the compiler cannot fuse mul and sub).
-inline V q_error(V w, const QV& q) { return Vec::sub(w, Vec::mul(q_index(w, q), q.scale)); }
+// kClamp = false is only used when the driver has proved that no element of
+// the range leaves [tlo, thi] (QParam::clamp), where the clamp is a no-op.
+template <bool kClamp = true>
+inline V q_error(V w, const QV& q) { return Vec::sub(w, Vec::mul(q_index<kClamp>(w, q), q.scale)); }
 
 // The error as accumulated: multiplied by the power of two q.escale when the
 // driver asked for range scaling (exact, see QParam::escale).
@@ -88,28 +92,20 @@ inline V load_tail(const float* x, int64_t n) {
 }
 
 // ---------------------------------------------------------------- minmax ----
-void k_minmax(const float* x, int64_t n, float* lo, float* hi, int64_t* nonfinite) {
+// Exact path: min/max over finite values only, and the count of NaN/Inf.
+void minmax_checked(const float* x, int64_t n, float* lo, float* hi, int64_t* nonfinite) {
   const V pinf = Vec::set1(__builtin_inff());
   const V ninf = Vec::set1(-__builtin_inff());
-  V vlo0 = pinf, vlo1 = pinf, vhi0 = ninf, vhi1 = ninf;
+  V vlo = pinf, vhi = ninf;
   int64_t bad = 0;
-  const int64_t n2 = n - n % (2 * kLanes);
   const int64_t n1 = n - n % kLanes;
-  for (int64_t i = 0; i < n2; i += 2 * kLanes) {
+  for (int64_t i = 0; i < n1; i += kLanes) {
     const V a = Vec::load(x + i);
-    const V b = Vec::load(x + i + kLanes);
-    vlo0 = Vec::min(vlo0, Vec::finite_or(a, pinf, &bad));
-    vhi0 = Vec::max(vhi0, Vec::finite_or(a, ninf, nullptr));
-    vlo1 = Vec::min(vlo1, Vec::finite_or(b, pinf, &bad));
-    vhi1 = Vec::max(vhi1, Vec::finite_or(b, ninf, nullptr));
+    vlo = Vec::min(vlo, Vec::finite_or(a, pinf, &bad));
+    vhi = Vec::max(vhi, Vec::finite_or(a, ninf, nullptr));
   }
-  for (int64_t i = n2; i < n1; i += kLanes) {
-    const V a = Vec::load(x + i);
-    vlo0 = Vec::min(vlo0, Vec::finite_or(a, pinf, &bad));
-    vhi0 = Vec::max(vhi0, Vec::finite_or(a, ninf, nullptr));
-  }
-  float l = Vec::hmin(Vec::min(vlo0, vlo1));
-  float h = Vec::hmax(Vec::max(vhi0, vhi1));
+  float l = Vec::hmin(vlo);
+  float h = Vec::hmax(vhi);
   for (int64_t i = n1; i < n; ++i) {
     const float v = x[i];
     if (v - v == 0.0f) {  // finite
@@ -124,22 +120,68 @@ void k_minmax(const float* x, int64_t n, float* lo, float* hi, int64_t* nonfinit
   *nonfinite = bad;
 }
 
+// Fast path for the common all-finite case: plain min/max plus a running sum
+// of x - x, which is 0 for finite x and NaN for NaN/Inf, so a single NaN
+// test at the end tells whether the exact path must recount.
+void k_minmax(const float* x, int64_t n, float* lo, float* hi, int64_t* nonfinite) {
+  const V pinf = Vec::set1(__builtin_inff());
+  const V ninf = Vec::set1(-__builtin_inff());
+  V vlo0 = pinf, vlo1 = pinf, vhi0 = ninf, vhi1 = ninf;
+  V nan0 = Vec::zero(), nan1 = Vec::zero();
+  const int64_t n2 = n - n % (2 * kLanes);
+  const int64_t n1 = n - n % kLanes;
+  for (int64_t i = 0; i < n2; i += 2 * kLanes) {
+    const V a = Vec::load(x + i);
+    const V b = Vec::load(x + i + kLanes);
+    vlo0 = Vec::min(vlo0, a);
+    vhi0 = Vec::max(vhi0, a);
+    nan0 = Vec::add(nan0, Vec::sub(a, a));
+    vlo1 = Vec::min(vlo1, b);
+    vhi1 = Vec::max(vhi1, b);
+    nan1 = Vec::add(nan1, Vec::sub(b, b));
+  }
+  if (n1 > n2) {
+    const V a = Vec::load(x + n2);
+    vlo0 = Vec::min(vlo0, a);
+    vhi0 = Vec::max(vhi0, a);
+    nan0 = Vec::add(nan0, Vec::sub(a, a));
+  }
+  float l = Vec::hmin(Vec::min(vlo0, vlo1));
+  float h = Vec::hmax(Vec::max(vhi0, vhi1));
+  float z = static_cast<float>(Vec::hsum(Vec::add(nan0, nan1)));
+  for (int64_t i = n1; i < n; ++i) {
+    const float v = x[i];
+    z += v - v;
+    l = v < l ? v : l;
+    h = v > h ? v : h;
+  }
+  if (z != 0.0f) {  // NaN: some value is not finite
+    minmax_checked(x, n, lo, hi, nonfinite);
+    return;
+  }
+  *lo = l;
+  *hi = h;
+  *nonfinite = 0;
+}
+
 // ------------------------------------------------------------ error stats ----
 // Sum of squares (of range-scaled errors) and max |e| of one block for one
 // parameter set.
-template <bool kScaled>
+template <bool kScaled, bool kClamp>
 void err_block(const float* xb, int64_t nb, V tail, const QV& q, double* sse, float* maxabs) {
   const int64_t nfull = nb - nb % kStep;
   const int64_t nvec = nb - nb % kLanes;
   V s0 = Vec::zero(), s1 = Vec::zero(), s2 = Vec::zero(), s3 = Vec::zero();
-  V m0 = Vec::zero(), m1 = Vec::zero();
+  V m0 = Vec::zero(), m1 = Vec::zero(), m2 = Vec::zero(), m3 = Vec::zero();
   for (int64_t i = 0; i < nfull; i += kStep) {
-    const V e0 = q_error(Vec::load(xb + i), q);
-    const V e1 = q_error(Vec::load(xb + i + kLanes), q);
-    const V e2 = q_error(Vec::load(xb + i + 2 * kLanes), q);
-    const V e3 = q_error(Vec::load(xb + i + 3 * kLanes), q);
-    m0 = Vec::max(m0, Vec::max(Vec::abs(e0), Vec::abs(e1)));
-    m1 = Vec::max(m1, Vec::max(Vec::abs(e2), Vec::abs(e3)));
+    const V e0 = q_error<kClamp>(Vec::load(xb + i), q);
+    const V e1 = q_error<kClamp>(Vec::load(xb + i + kLanes), q);
+    const V e2 = q_error<kClamp>(Vec::load(xb + i + 2 * kLanes), q);
+    const V e3 = q_error<kClamp>(Vec::load(xb + i + 3 * kLanes), q);
+    m0 = Vec::absmax(m0, e0);
+    m1 = Vec::absmax(m1, e1);
+    m2 = Vec::absmax(m2, e2);
+    m3 = Vec::absmax(m3, e3);
     const V f0 = kScaled ? Vec::mul(e0, q.escale) : e0;
     const V f1 = kScaled ? Vec::mul(e1, q.escale) : e1;
     const V f2 = kScaled ? Vec::mul(e2, q.escale) : e2;
@@ -150,37 +192,81 @@ void err_block(const float* xb, int64_t nb, V tail, const QV& q, double* sse, fl
     s3 = Vec::fmadd(f3, f3, s3);
   }
   for (int64_t i = nfull; i < nvec + (nb > nvec ? kLanes : 0); i += kLanes) {
-    const V e = q_error(i < nvec ? Vec::load(xb + i) : tail, q);
-    m0 = Vec::max(m0, Vec::abs(e));
+    const V e = q_error<kClamp>(i < nvec ? Vec::load(xb + i) : tail, q);
+    m0 = Vec::absmax(m0, e);
     const V f = kScaled ? Vec::mul(e, q.escale) : e;
     s0 = Vec::fmadd(f, f, s0);
   }
   *sse += Vec::hsum(Vec::add(Vec::add(s0, s1), Vec::add(s2, s3)));
-  const float mb = Vec::hmax(Vec::max(m0, m1));
+  const float mb = Vec::hmax(Vec::max(Vec::max(m0, m1), Vec::max(m2, m3)));
   *maxabs = mb > *maxabs ? mb : *maxabs;
 }
 
+// Sum of (w * escale)^2 over one block: the tensor's energy, range-scaled
+// like the errors.
+template <bool kScaled>
+double sq_block(const float* xb, int64_t nb, V tail, V escale) {
+  const int64_t nfull = nb - nb % kStep;
+  const int64_t nvec = nb - nb % kLanes;
+  V s0 = Vec::zero(), s1 = Vec::zero(), s2 = Vec::zero(), s3 = Vec::zero();
+  for (int64_t i = 0; i < nfull; i += kStep) {
+    V w0 = Vec::load(xb + i), w1 = Vec::load(xb + i + kLanes);
+    V w2 = Vec::load(xb + i + 2 * kLanes), w3 = Vec::load(xb + i + 3 * kLanes);
+    if (kScaled) {
+      w0 = Vec::mul(w0, escale);
+      w1 = Vec::mul(w1, escale);
+      w2 = Vec::mul(w2, escale);
+      w3 = Vec::mul(w3, escale);
+    }
+    s0 = Vec::fmadd(w0, w0, s0);
+    s1 = Vec::fmadd(w1, w1, s1);
+    s2 = Vec::fmadd(w2, w2, s2);
+    s3 = Vec::fmadd(w3, w3, s3);
+  }
+  for (int64_t i = nfull; i < nvec + (nb > nvec ? kLanes : 0); i += kLanes) {
+    V w = i < nvec ? Vec::load(xb + i) : tail;
+    if (kScaled) w = Vec::mul(w, escale);
+    s0 = Vec::fmadd(w, w, s0);
+  }
+  return Vec::hsum(Vec::add(Vec::add(s0, s1), Vec::add(s2, s3)));
+}
+
 // Single pass over memory: each L1-sized block is loaded from memory once and
-// reused from cache for all m parameter sets (bit-widths).
+// reused from cache for all m parameter sets (bit-widths) and the energy.
 void k_err_stats(const float* x, int64_t n, const QParam* qp, int64_t m, double* sse,
-                 float* maxabs) {
+                 float* maxabs, float energy_escale, double* energy, const float* pf,
+                 int64_t pf_n) {
   for (int64_t j = 0; j < m; ++j) {
     sse[j] = 0.0;
     maxabs[j] = 0.0f;
   }
+  if (energy) *energy = 0.0;
+  const V es = Vec::set1(energy_escale);
+  // Prefetch: the lines of pf spread evenly over the (block, candidate) steps.
+  const char* pf_at = reinterpret_cast<const char*>(pf);
+  const char* pf_end = pf ? pf_at + pf_n * static_cast<int64_t>(sizeof(float)) : pf_at;
+  const int64_t steps = ((n + kBlock - 1) / kBlock) * (m > 0 ? m : 1);
+  const int64_t pf_per_step = (pf_end - pf_at + 64 * steps - 1) / (64 * steps);
   for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
     const int64_t nb = min64(kBlock, n - b0);
     const float* xb = x + b0;
     const int64_t nvec = nb - nb % kLanes;
     const V tail = nb > nvec ? load_tail(xb + nvec, nb - nvec) : Vec::zero();
     for (int64_t j = 0; j < m; ++j) {
+      for (int64_t k = 0; k < pf_per_step && pf_at < pf_end; ++k, pf_at += 64)
+        __builtin_prefetch(pf_at, 0, 2);  // prefetcht1: into L2, not over this row in L1
       const QV q = broadcast(qp[j]);
-      if (qp[j].escale == 1.0f) {
-        err_block<false>(xb, nb, tail, q, sse + j, maxabs + j);
+      const bool scaled = qp[j].escale != 1.0f;
+      if (qp[j].clamp) {
+        if (scaled) err_block<true, true>(xb, nb, tail, q, sse + j, maxabs + j);
+        else err_block<false, true>(xb, nb, tail, q, sse + j, maxabs + j);
       } else {
-        err_block<true>(xb, nb, tail, q, sse + j, maxabs + j);
+        if (scaled) err_block<true, false>(xb, nb, tail, q, sse + j, maxabs + j);
+        else err_block<false, false>(xb, nb, tail, q, sse + j, maxabs + j);
       }
     }
+    if (energy)
+      *energy += energy_escale == 1.0f ? sq_block<false>(xb, nb, tail, es) : sq_block<true>(xb, nb, tail, es);
   }
 }
 

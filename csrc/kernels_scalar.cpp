@@ -44,6 +44,8 @@ struct Vec {
     return std::copysign((a + 8388608.0f) - 8388608.0f, x);
   }
   static V abs(V x) { return std::fabs(x); }
+  // max(m, |e|) for finite e and m >= 0.
+  static V absmax(V m, V e) { return max(m, abs(e)); }
   static double hsum(V x) { return static_cast<double>(x); }
   static float hmax(V x) { return x; }
   static float hmin(V x) { return x; }

@@ -25,11 +25,30 @@ namespace {
 constexpr int64_t kMinChunk = 32768;   // multiple of every kernel's cache block
 constexpr int64_t kMaxChunks = 1024;   // bounds the partial-result buffer
 constexpr int64_t kElemChunk = 32768;  // elementwise kernels
+// Elements below which a fused per-row call is not worth a second thread.
+constexpr int64_t kSmallWork = 8192;
 
 int64_t chunk_size(int64_t len) {
   int64_t ch = (len + kMaxChunks - 1) / kMaxChunks;
   if (ch < kMinChunk) ch = kMinChunk;
   return (ch + kMinChunk - 1) / kMinChunk * kMinChunk;
+}
+
+// Per-thread scratch is laid out with this stride (in elements of T) so that
+// two threads never write to the same cache line (false sharing made the
+// second thread nearly useless on short rows).
+template <class T>
+int64_t thread_stride(int64_t n) {
+  const int64_t per_line = 64 / static_cast<int64_t>(sizeof(T));
+  return (n + per_line - 1) / per_line * per_line + per_line;
+}
+
+// Groups handed out per OpenMP scheduling step: neighbouring groups write
+// neighbouring outputs, so one thread takes a run of up to 16 of them, while
+// leaving at least 4 runs per thread for load balance.
+int64_t group_run(int64_t groups, int nt) {
+  const int64_t run = groups / (4 * static_cast<int64_t>(nt));
+  return run < 1 ? 1 : (run > 16 ? 16 : run);
 }
 
 int clamp_threads(int num_threads, int64_t work_items) {
@@ -62,14 +81,17 @@ void reduce_groups(const float* x, int64_t G, int64_t L, int64_t R, int num_thre
   if (nc == 1 || G >= 2 * static_cast<int64_t>(num_threads)) {
     // One thread per group, chunks in order.
     const int nt = clamp_threads(num_threads, G);
-    std::vector<double> scratch(static_cast<size_t>(nt) * static_cast<size_t>(R));
+    const int64_t stride = thread_stride<double>(R);
+    const int64_t run = group_run(G, nt);
+    (void)run;  // only read by the OpenMP pragma
+    std::vector<double> scratch(static_cast<size_t>(nt * stride));
 #ifdef _OPENMP
-#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+#pragma omp parallel for num_threads(nt) schedule(dynamic, run)
 #endif
     for (int64_t g = 0; g < G; ++g) {
       const int tid = thread_id();
       double* acc = out + g * R;
-      double* part = scratch.data() + static_cast<int64_t>(tid) * R;
+      double* part = scratch.data() + static_cast<int64_t>(tid) * stride;
       const float* base = x + g * L;
       for (int64_t c = 0; c < nc; ++c) {
         const int64_t off = c * ch;
@@ -118,6 +140,41 @@ void for_each_chunk(int64_t C, int64_t K, int num_threads, const Fn& fn) {
   }
 }
 
+// Round half to even without a libm call (these run 20+ times per row of a
+// table): (|x| + 2^m) - 2^m rounds to an integer in the default rounding
+// mode when |x| < 2^m; larger magnitudes and NaN/Inf are already "rounded".
+// Identical to std::nearbyint in the default mode, -0.0 included.
+inline float round_even(float x) {
+  const float a = std::fabs(x);
+  if (!(a < 8388608.0f)) return x;
+  return std::copysign((a + 8388608.0f) - 8388608.0f, x);
+}
+inline double round_even(double x) {
+  const double a = std::fabs(x);
+  if (!(a < 4503599627370496.0)) return x;
+  return std::copysign((a + 4503599627370496.0) - 4503599627370496.0, x);
+}
+
+// ilogb of a finite non-zero float, read from its exponent bits when normal.
+inline int ilogb_f(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  const int biased = static_cast<int>((u >> 23) & 0xffu);
+  return biased != 0 && biased != 0xff ? biased - 127 : std::ilogb(x);
+}
+
+// 2^-e as a float (exact); e = 0, the usual case, costs nothing.
+inline float pow2_neg(int e) {
+  if (e == 0) return 1.0f;
+  if (e >= -127 && e <= 126) {
+    const uint32_t u = static_cast<uint32_t>(127 - e) << 23;
+    float f;
+    std::memcpy(&f, &u, sizeof f);
+    return f;
+  }
+  return std::ldexp(1.0f, -e);
+}
+
 inline double qmax_of(int bits) { return static_cast<double>((int64_t{1} << bits) - 1); }
 
 // float32 scale from a double, clamped to [FLT_MIN, FLT_MAX] (equivalent to
@@ -135,7 +192,7 @@ inline float scale_to_f32(double s) {
 // ordinary weights) no scaling is done; otherwise errors are scaled by 2^-E,
 // E = ilogb(scale), and the sums multiplied back by 2^(p*E) in double.
 int range_exponent(float scale, double p) {
-  const int e = std::ilogb(scale);
+  const int e = ilogb_f(scale);
   if (p * (e - 24) > -100.0 && p * (e + 34) < 100.0) return 0;
   return e;
 }
@@ -153,13 +210,35 @@ double unscale_sum(double sum, double p, int e) {
 
 inline QParam make_qparam(float scale, int32_t zero_point, int bits, int range_exp = 0) {
   QParam q;
-  q.escale = std::ldexp(1.0f, -range_exp);  // exact power of two (subnormal for E = 127)
+  q.escale = pow2_neg(range_exp);  // exact power of two (subnormal for E = 127)
   q.scale = scale;
   q.inv = 1.0f / scale;  // torch: inv_scale = 1.0f / scale (float32)
   q.zp = static_cast<float>(zero_point);
   q.tlo = -q.zp;
   q.thi = static_cast<float>(qmax_of(bits)) - q.zp;
+  q.clamp = 1;
   return q;
+}
+
+// Whether nearbyint(w * inv) can leave [tlo, thi] for a finite w in [lo, hi].
+// For inv > 0 the rounded product fl(w * inv) is monotone in w, and so is
+// nearbyint, so the extremes are reached at lo and hi: when both stay inside,
+// the kernel's clamp is a no-op for every element of the range.  The kernels
+// compute the same float product and round half to even, as done here.
+bool needs_clamp(const QParam& q, float lo, float hi) {
+  const float rlo = round_even(lo * q.inv);
+  const float rhi = round_even(hi * q.inv);
+  return !(rlo >= q.tlo && rhi <= q.thi);
+}
+
+// Range scaling of the energy sum(w^2), like range_exponent: the squares that
+// matter lie in amax^2 * 2^[-48, 0].  E is kept in [-126, 126] so that the
+// scale 2^-E is a normal float (a subnormal one would read as 0 under DAZ).
+int energy_exponent(float amax) {
+  if (!(amax > 0.0f)) return 0;
+  const int e = ilogb_f(amax);
+  if (2 * (e - 24) > -120 && 2 * (e + 1) < 120) return 0;
+  return e < -126 ? -126 : (e > 126 ? 126 : e);
 }
 
 std::vector<QParam> make_qparams(const float* scale, const int32_t* zero_point, int64_t S,
@@ -179,6 +258,8 @@ bool openmp_enabled() {
 #endif
 }
 
+namespace {
+
 // Quantization parameters from a raw range (lo, hi); zero is included first:
 // lo' = min(lo, 0), hi' = max(hi, 0).
 //  asymmetric: scale = f32((hi' - lo') / qmax) computed in double, clamped to
@@ -187,7 +268,9 @@ bool openmp_enabled() {
 //  symmetric:  scale = f32(max(-lo', hi') * 2 / qmax), zp = 2^(bits-1)
 //              (torch.ao's quint8 symmetric convention).
 //  all-zero range: scale = 1, zp as above.
-void qparams_one(float lo, float hi, int bits, bool symmetric, float* scale, int32_t* zero_point) {
+// Inline so that a row's bit-widths overlap their divisions (see minmax_row).
+inline void qparams_inline(float lo, float hi, int bits, bool symmetric, float* scale,
+                           int32_t* zero_point) {
   const double qmax = qmax_of(bits);
   const float lo0 = lo < 0.0f ? lo : 0.0f;
   const float hi0 = hi > 0.0f ? hi : 0.0f;
@@ -204,15 +287,21 @@ void qparams_one(float lo, float hi, int bits, bool symmetric, float* scale, int
     return;
   }
   const float s = scale_to_f32(range / qmax);
-  double z = std::nearbyint(-static_cast<double>(lo0) / static_cast<double>(s));
+  double z = round_even(-static_cast<double>(lo0) / static_cast<double>(s));
   z = z < 0.0 ? 0.0 : (z > qmax ? qmax : z);
   *scale = s;
   *zero_point = static_cast<int32_t>(z);
 }
 
+}  // namespace
+
+void qparams_one(float lo, float hi, int bits, bool symmetric, float* scale, int32_t* zero_point) {
+  qparams_inline(lo, hi, bits, symmetric, scale, zero_point);
+}
+
 void qparams(const float* lo, const float* hi, int64_t n, int bits, bool symmetric, float* scale,
              int32_t* zero_point) {
-  for (int64_t i = 0; i < n; ++i) qparams_one(lo[i], hi[i], bits, symmetric, scale + i, zero_point + i);
+  for (int64_t i = 0; i < n; ++i) qparams_inline(lo[i], hi[i], bits, symmetric, scale + i, zero_point + i);
 }
 
 void channel_minmax(const float* w, int64_t C, int64_t K, int num_threads, float* lo, float* hi,
@@ -246,10 +335,85 @@ void channel_minmax(const float* w, int64_t C, int64_t K, int num_threads, float
   *n_nonfinite = bad;
 }
 
+namespace {
+
+// The error table of prepared parameters qp[s * B + b] (with their range
+// exponents rexp), and, unless energy is null, the energy of every row using
+// the range exponent eexp[s] of its group.
+void table_pass(const float* w, int64_t C, int64_t K, const QParam* qp, const int* rexp,
+                const int* eexp, int64_t S, int64_t B, int num_threads, double* sse,
+                float* max_abs, double* energy) {
+  const KernelTable* t = current_table();
+  const int nt = clamp_threads(num_threads, C * ((K + kMinChunk - 1) / kMinChunk));
+  const int64_t R = 2 * B + 1;
+  const int64_t stride = thread_stride<float>(B);
+  std::vector<float> mx(static_cast<size_t>(nt * stride));
+  std::vector<double> res(static_cast<size_t>(C) * static_cast<size_t>(R));
+  // Slot: B sums of squares, B max |e| (floats are exact in double), energy.
+  auto compute = [&](int64_t g, const float* x, int64_t n, double* slot, int tid) {
+    float* m = mx.data() + static_cast<int64_t>(tid) * stride;
+    const int64_t s = S == 1 ? 0 : g;
+    const float es = energy ? pow2_neg(eexp[s]) : 1.0f;
+    t->err_stats(x, n, qp + s * B, B, slot, m, es, energy ? slot + 2 * B : nullptr, nullptr, 0);
+    for (int64_t b = 0; b < B; ++b) slot[B + b] = m[b];
+    if (!energy) slot[2 * B] = 0.0;
+  };
+  auto combine = [B](double* acc, const double* part) {
+    for (int64_t b = 0; b < B; ++b) acc[b] += part[b];
+    for (int64_t b = B; b < 2 * B; ++b) acc[b] = part[b] > acc[b] ? part[b] : acc[b];
+    acc[2 * B] += part[2 * B];
+  };
+  reduce_groups(w, C, K, R, nt, res.data(), compute, combine);
+  for (int64_t c = 0; c < C; ++c) {
+    const int64_t s = S == 1 ? 0 : c;
+    const double* r = res.data() + c * R;
+    for (int64_t b = 0; b < B; ++b) {
+      sse[b * C + c] = unscale_sum(r[b], 2.0, rexp[s * B + b]);
+      max_abs[b * C + c] = static_cast<float>(r[B + b]);
+    }
+    if (energy) energy[c] = unscale_sum(r[2 * B], 2.0, eexp[s]);
+  }
+}
+
+// One row of minmax_error_table, entirely from cache after the min/max read;
+// the next row (if any) is prefetched meanwhile.  Returns the number of
+// non-finite values (the row's outputs are then left for the caller to clear).
+int64_t minmax_row(const KernelTable* t, const float* x, const float* next, int64_t K,
+                   const int32_t* bits, int64_t B, bool symmetric, int64_t c, int64_t C, QParam* qp, int* rexp,
+                   double* acc, float* mx, float* lo, float* hi, float* scale,
+                   int32_t* zero_point, double* sse, float* max_abs, double* energy) {
+  float l, h;
+  int64_t bad;
+  t->minmax(x, K, &l, &h, &bad);
+  if (bad) return bad;
+  lo[c] = l;
+  hi[c] = h;
+  for (int64_t b = 0; b < B; ++b) {
+    float s;
+    int32_t z;
+    qparams_inline(l, h, bits[b], symmetric, &s, &z);
+    scale[b * C + c] = s;
+    zero_point[b * C + c] = z;
+    rexp[b] = range_exponent(s, 2.0);
+    qp[b] = make_qparam(s, z, bits[b], rexp[b]);
+    qp[b].clamp = needs_clamp(qp[b], l, h) ? 1 : 0;
+  }
+  const int ee = energy_exponent(-l > h ? -l : h);
+  double en;
+  t->err_stats(x, K, qp, B, acc, mx, pow2_neg(ee), &en, next, next ? K : 0);
+  for (int64_t b = 0; b < B; ++b) {
+    sse[b * C + c] = unscale_sum(acc[b], 2.0, rexp[b]);
+    max_abs[b * C + c] = mx[b];
+  }
+  energy[c] = unscale_sum(en, 2.0, ee);
+  return 0;
+}
+
+}  // namespace
+
 void error_table(const float* w, int64_t C, int64_t K, const float* scale, const int32_t* zero_point,
                  int64_t S, const int32_t* bits, int64_t B, int num_threads, double* sse,
                  float* max_abs) {
-  const KernelTable* t = current_table();
   // qp[s * B + b]: the B parameter sets of row s are contiguous.
   std::vector<QParam> qp(static_cast<size_t>(S * B));
   std::vector<int> rexp(static_cast<size_t>(S * B));
@@ -259,25 +423,84 @@ void error_table(const float* w, int64_t C, int64_t K, const float* scale, const
       rexp[s * B + b] = e;
       qp[s * B + b] = make_qparam(scale[b * S + s], zero_point[b * S + s], bits[b], e);
     }
-  const int nt = clamp_threads(num_threads, C * ((K + kMinChunk - 1) / kMinChunk));
-  std::vector<float> mx(static_cast<size_t>(nt) * static_cast<size_t>(B));
-  std::vector<double> res(static_cast<size_t>(C) * static_cast<size_t>(2 * B));
-  // Slot: B sums of squares, then B max |e| (floats are exact in double).
-  auto compute = [&](int64_t g, const float* x, int64_t n, double* slot, int tid) {
-    float* m = mx.data() + static_cast<int64_t>(tid) * B;
-    t->err_stats(x, n, qp.data() + (S == 1 ? 0 : g) * B, B, slot, m);
-    for (int64_t b = 0; b < B; ++b) slot[B + b] = m[b];
-  };
-  auto combine = [B](double* acc, const double* part) {
-    for (int64_t b = 0; b < B; ++b) acc[b] += part[b];
-    for (int64_t b = B; b < 2 * B; ++b) acc[b] = part[b] > acc[b] ? part[b] : acc[b];
-  };
-  reduce_groups(w, C, K, 2 * B, nt, res.data(), compute, combine);
-  for (int64_t c = 0; c < C; ++c)
-    for (int64_t b = 0; b < B; ++b) {
-      sse[b * C + c] = unscale_sum(res[c * 2 * B + b], 2.0, rexp[(S == 1 ? 0 : c) * B + b]);
-      max_abs[b * C + c] = static_cast<float>(res[c * 2 * B + B + b]);
+  table_pass(w, C, K, qp.data(), rexp.data(), nullptr, S, B, num_threads, sse, max_abs, nullptr);
+}
+
+void minmax_error_table(const float* w, int64_t C, int64_t K, const int32_t* bits, int64_t B,
+                        bool per_channel, bool symmetric, int num_threads, float* lo, float* hi,
+                        float* scale, int32_t* zero_point, double* sse, float* max_abs,
+                        double* energy, int64_t* n_nonfinite) {
+  const KernelTable* t = current_table();
+  for (int64_t i = 0; i < B * C; ++i) {
+    sse[i] = 0.0;
+    max_abs[i] = 0.0f;
+  }
+  for (int64_t c = 0; c < C; ++c) energy[c] = 0.0;
+  if (per_channel && K <= kMinChunk) {
+    // Fused: each row is read from memory once (min/max), then served from
+    // cache to all bit-widths and the energy.  A row is one chunk of
+    // error_table's reduction, so the sums equal the two-pass results.
+    const int nt = clamp_threads(num_threads, (C * K + kSmallWork - 1) / kSmallWork);
+    const int64_t sq = thread_stride<QParam>(B), si = thread_stride<int>(B);
+    const int64_t sd = thread_stride<double>(B), sf = thread_stride<float>(B);
+    std::vector<QParam> qp(static_cast<size_t>(nt * sq));
+    std::vector<int> rexp(static_cast<size_t>(nt * si));
+    std::vector<double> acc(static_cast<size_t>(nt * sd));
+    std::vector<float> mx(static_cast<size_t>(nt * sf));
+    int64_t bad = 0;
+    const int64_t run = group_run(C, nt);
+    (void)run;  // only read by the OpenMP pragma
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nt) schedule(dynamic, run) reduction(+ : bad)
+#endif
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t tid = thread_id();
+      const float* next = c + 1 < C ? w + (c + 1) * K : nullptr;
+      const int64_t row_bad = minmax_row(t, w + c * K, next, K, bits, B, symmetric, c, C,
+                                         qp.data() + tid * sq, rexp.data() + tid * si,
+                                         acc.data() + tid * sd, mx.data() + tid * sf, lo, hi,
+                                         scale, zero_point, sse, max_abs, energy);
+      if (row_bad) {
+        lo[c] = hi[c] = 0.0f;
+        bad += row_bad;
+      }
     }
+    *n_nonfinite = bad;
+    if (bad) {  // callers refuse the tensor; leave nothing half-filled
+      for (int64_t i = 0; i < B * C; ++i) {
+        sse[i] = 0.0;
+        max_abs[i] = 0.0f;
+      }
+    }
+    return;
+  }
+  // Per tensor (or very long rows): the range must be known before the table.
+  channel_minmax(w, C, K, num_threads, lo, hi, n_nonfinite);
+  if (*n_nonfinite) return;
+  const int64_t S = per_channel ? C : 1;
+  std::vector<float> glo(lo, lo + S), ghi(hi, hi + S);
+  if (!per_channel)
+    for (int64_t c = 1; c < C; ++c) {
+      glo[0] = lo[c] < glo[0] ? lo[c] : glo[0];
+      ghi[0] = hi[c] > ghi[0] ? hi[c] : ghi[0];
+    }
+  std::vector<QParam> qp(static_cast<size_t>(S * B));
+  std::vector<int> rexp(static_cast<size_t>(S * B)), eexp(static_cast<size_t>(S));
+  for (int64_t s = 0; s < S; ++s) {
+    for (int64_t b = 0; b < B; ++b) {
+      float sc;
+      int32_t z;
+      qparams_inline(glo[s], ghi[s], bits[b], symmetric, &sc, &z);
+      scale[b * S + s] = sc;
+      zero_point[b * S + s] = z;
+      rexp[s * B + b] = range_exponent(sc, 2.0);
+      QParam& q = qp[s * B + b];
+      q = make_qparam(sc, z, bits[b], rexp[s * B + b]);
+      q.clamp = needs_clamp(q, glo[s], ghi[s]) ? 1 : 0;
+    }
+    eexp[s] = energy_exponent(-glo[s] > ghi[s] ? -glo[s] : ghi[s]);
+  }
+  table_pass(w, C, K, qp.data(), rexp.data(), eexp.data(), S, B, num_threads, sse, max_abs, energy);
 }
 
 namespace {
@@ -290,7 +513,7 @@ void candidate_qparams(float lo, float hi, int bits, bool symmetric, int64_t i, 
   const float hi0 = hi > 0.0f ? hi : 0.0f;
   const float lo_i = static_cast<float>(static_cast<double>(lo0) * factor);
   const float hi_i = static_cast<float>(static_cast<double>(hi0) * factor);
-  qparams_one(lo_i, hi_i, bits, symmetric, scale, zero_point);
+  qparams_inline(lo_i, hi_i, bits, symmetric, scale, zero_point);
 }
 
 }  // namespace
@@ -353,7 +576,7 @@ int64_t clip_search_scratch_bytes(int64_t C, int64_t K, int64_t S, int64_t B, in
   const int nt = clamp_threads(num_threads, G * ((L + kMinChunk - 1) / kMinChunk));
   const int64_t nc = (L + chunk_size(L) - 1) / chunk_size(L);
   const bool chunked = !(nc == 1 || G >= 2 * static_cast<int64_t>(nt));
-  const double reduce = chunked ? static_cast<double>(G) * nc * M : static_cast<double>(nt) * M;
+  const double reduce = chunked ? static_cast<double>(G) * nc * M : static_cast<double>(nt) * (M + 16);
   const double bytes = static_cast<double>(nt) * M * sizeof(QParam) +
                        (static_cast<double>(G) * M + reduce) * sizeof(double);
   return bytes >= 9.0e18 ? INT64_MAX : static_cast<int64_t>(bytes);

@@ -31,6 +31,10 @@ struct QParam {
   // weights neither underflow nor overflow; the drivers multiply the sums
   // back by 2^(p*E).  Max |e| is never scaled.
   float escale;
+  // 1, or 0 when the driver has proved that nearbyint(w * inv) stays within
+  // [tlo, thi] for every w the kernel will see (then the clamp is a no-op and
+  // err_stats skips it).  Only err_stats reads it; every other kernel clamps.
+  int32_t clamp;
 };
 
 // One table per SIMD level.  All functions are single-threaded and work on a
@@ -39,9 +43,13 @@ struct KernelTable {
   const char* name;
   // lo/hi over finite values (lo = +inf, hi = -inf if none), count of NaN/Inf.
   void (*minmax)(const float* x, int64_t n, float* lo, float* hi, int64_t* nonfinite);
-  // For each of m parameter sets: sse[j] = sum e^2 (double), maxabs[j] = max |e|.
+  // For each of m parameter sets: sse[j] = sum e^2 (double), maxabs[j] = max |e|;
+  // and, unless energy is null, *energy = sum (x * energy_escale)^2 (double).
+  // While computing, the pf_n floats at pf (may be null) are prefetched into
+  // L2: the caller's next row arrives while this one is being evaluated.
   void (*err_stats)(const float* x, int64_t n, const QParam* qp, int64_t m,
-                    double* sse, float* maxabs);
+                    double* sse, float* maxabs, float energy_escale, double* energy,
+                    const float* pf, int64_t pf_n);
   // For each of m parameter sets: out[j] = sum |e|^p (double); p > 0.
   void (*lp_err)(const float* x, int64_t n, const QParam* qp, int64_t m, double p,
                  double* out);

@@ -267,6 +267,65 @@ def test_error_table(level: str, shape: tuple[int, int], per_channel: bool) -> N
     np.testing.assert_array_equal(mx1, mx)
 
 
+# ----------------------------------------------------- fused min/max table ---
+def two_pass_table(w: np.ndarray, bits: np.ndarray, per_channel: bool, symmetric: bool):
+    """channel_minmax -> qparams -> error_table: what minmax_error_table fuses."""
+    lo, hi, bad = _core.channel_minmax(w, 1)
+    assert bad == 0
+    glo, ghi = (lo, hi) if per_channel else (lo.min(keepdims=True), hi.max(keepdims=True))
+    sc, zp = zip(*[_core.qparams(glo, ghi, int(b), symmetric) for b in bits])
+    scale, zero_point = np.stack(sc), np.stack(zp)
+    sse, mx = _core.error_table(w, scale, zero_point, bits, 1)
+    return lo, hi, scale, zero_point, sse, mx
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (5, 3), (64, 64), (7, 513), (3, 5000), (2, 40_001)])
+@pytest.mark.parametrize("per_channel", [True, False])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_minmax_error_table_equals_two_passes(level: str, shape, per_channel: bool, symmetric: bool) -> None:
+    """The fused call (one pass per row, clamps skipped where provably no-ops,
+    next row prefetched) gives exactly the two-pass results, on every level and
+    thread count; its energy is sum(w**2) per row."""
+    w = rand_w(*shape, seed=shape[0] * 7 + shape[1])
+    w[0, 0] = 0.0  # keep a zero in every case
+    bits = np.array([1, 2, 3, 4, 5, 6, 7, 8, 12, 16], np.int32)
+    want = two_pass_table(w, bits, per_channel, symmetric)
+    for nt in (1, 2, 3):
+        got = _core.minmax_error_table(w, bits, per_channel, symmetric, nt)
+        lo, hi, scale, zp, sse, mx, energy, bad = got
+        assert bad == 0
+        for a, b in zip((lo, hi, scale, zp, sse, mx), want):
+            np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(energy, (w.astype(np.float64) ** 2).sum(1), rtol=1e-6, atol=0)
+
+
+def test_minmax_error_table_at_grid_edge_ties(level: str) -> None:
+    """Rows whose extreme lands on a .5 tie just past the grid (symmetric: hi * inv =
+    qmax/2 + 0.5 rounds to one code too many, so the clamp is not a no-op there) and
+    rows of values on .5 steps: the table equals torch's fake-quantization error."""
+    rng = np.random.default_rng(3)
+    w = rng.uniform(-1, 1, (12, 300)).astype(np.float32)
+    w[:6, 0] = 1.0   # amax = hi = 1: hi * inv = 127.5 at 8 bits, a tie rounding to 128 > 127
+    w[6:] = np.round(w[6:] * 8) / 16  # many exact ties at every bit-width
+    bits = np.arange(1, 9, dtype=np.int32)
+    for symmetric in (True, False):
+        _, _, scale, zp, sse, mx, _, _ = _core.minmax_error_table(w, bits, True, symmetric, 1)
+        for i, b in enumerate(bits):
+            e = torch.from_numpy(w) - torch.from_numpy(torch_fake(w, scale[i], zp[i], int(b)))
+            np.testing.assert_allclose(sse[i], e.double().pow(2).sum(1).numpy(), rtol=1e-5, atol=0)
+            np.testing.assert_array_equal(mx[i], e.abs().amax(1).numpy())
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_minmax_error_table_reports_nonfinite(level: str, per_channel: bool) -> None:
+    w = rand_w(4, 100)
+    w[2, 17] = np.nan
+    w[3, 5] = np.inf
+    *_, sse, mx, energy, bad = _core.minmax_error_table(w, [2, 8], per_channel, False, 2)
+    assert bad == 2
+    assert not sse.any() and not mx.any()
+
+
 # ------------------------------------------------------------- clip search ---
 def brute_clip(w, lo, hi, bits, symmetric, n_grid, step, p):
     """Independent loop: returns best index, scale, zp, err arrays [B, S]."""
@@ -437,6 +496,11 @@ def _bad_calls():
         ("bits", lambda: _core.error_table(w, s2d, z2d, [20], 1)),
         ("bits", lambda: _core.error_table(w, s2d, z2d, [[4]], 1)),
         ("num_threads", lambda: _core.error_table(w, s2d, z2d, [4], -1)),
+        ("bits", lambda: _core.minmax_error_table(w, [], True, False, 1)),
+        ("bits", lambda: _core.minmax_error_table(w, [0], True, False, 1)),
+        ("w", lambda: _core.minmax_error_table(w[:, :0], [4], True, False, 1)),
+        ("w", lambda: _core.minmax_error_table(w[0], [4], True, False, 1)),
+        ("num_threads", lambda: _core.minmax_error_table(w, [4], True, False, 0)),
         ("n_grid", lambda: _core.clip_search(w, lo, hi, [4], False, 0, 0.01, 2.0, 1)),
         ("step", lambda: _core.clip_search(w, lo, hi, [4], False, 10, 0.0, 2.0, 1)),
         ("step", lambda: _core.clip_search(w, lo, hi, [4], False, 10, -0.1, 2.0, 1)),

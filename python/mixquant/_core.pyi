@@ -45,6 +45,20 @@ def error_table(
 ) -> tuple[_F64, _F32]:
     """One fused pass: ``(sse[B, C] float64, max_abs[B, C] float32)`` of ``w - fake_quantize(w)`` for ``scale/zero_point[B, S]``, ``bits[B]``."""
 
+def minmax_error_table(
+    w: npt.ArrayLike,
+    bits: _Bits,
+    per_channel: bool,
+    symmetric: bool,
+    num_threads: int,
+) -> tuple[_F32, _F32, _F32, _I32, _F64, _F32, _F64, int]:
+    """Min/max quantizers of every bit-width and their error table in one call.
+
+    Returns ``(lo[C], hi[C], scale[B, S], zero_point[B, S], sse[B, C], max_abs[B, C],
+    energy[C], n_nonfinite)``; S is C per channel, else 1. The table is all zero when
+    ``n_nonfinite > 0``.
+    """
+
 def clip_search(
     w: npt.ArrayLike,
     lo: npt.ArrayLike,

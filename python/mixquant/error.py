@@ -132,6 +132,25 @@ def _native_table(m: Tensor, lo: Tensor, hi: Tensor, scale: Tensor, zp: Tensor, 
     return sse[:-1], max_abs[:-1], float(sse[-1].sum())
 
 
+def _ranges(m: Tensor, lo: Tensor, hi: Tensor, bit_list: List[int], per_channel: bool, symmetric: bool,
+            clip: str, n_grid: int, step: float, p: float, be: str, nt: int):
+    """``[B, S]`` scales and zero points: of the min/max range, or of the clipping search."""
+    if clip == "mse":
+        _, scale, zp, _ = _search_ranges(m, lo, hi, bit_list, per_channel, symmetric, n_grid, step, p, be, nt)
+        return scale, zp
+    if not per_channel:
+        lo, hi = lo.amin().reshape(1), hi.amax().reshape(1)
+    scale = torch.empty(len(bit_list), lo.numel(), dtype=torch.float32)
+    zp = torch.empty(len(bit_list), lo.numel(), dtype=torch.int32)
+    for i, b in enumerate(bit_list):
+        if be == "native":
+            s, z = native().qparams(lo.numpy(), hi.numpy(), b, bool(symmetric))
+            scale[i], zp[i] = torch.from_numpy(s), torch.from_numpy(z)
+        else:
+            scale[i], zp[i] = reference.qparams(lo, hi, b, bool(symmetric))
+    return scale, zp
+
+
 def clip_search(
     w: Tensor,
     bits: Iterable[int] = range(2, 9),
@@ -190,25 +209,23 @@ def roundoff_error(
     bit_list = check_bit_list(bits)
     be, nt = resolve_backend(backend), resolve_threads(num_threads)
     m = as_matrix(tensor, ch_axis, name)
-    lo, hi = check_finite_minmax(m, name, be, nt)
-    if clip == "mse":
-        _, scale, zp, _ = _search_ranges(m, lo, hi, bit_list, per_channel, symmetric, n_grid, step, p, be, nt)
+    if be == "native" and clip == "minmax":
+        # One native call: min/max, parameters, table and energy, one pass per channel.
+        lo_a, hi_a, scale_a, zp_a, sse, max_abs, row_energy, n_bad = native().minmax_error_table(
+            m.numpy(), np.asarray(bit_list, np.int32), bool(per_channel), bool(symmetric), nt)
+        if n_bad:
+            raise ValueError(f"{name} contains {n_bad} non-finite value(s) (NaN or Inf)")
+        lo, hi = torch.from_numpy(lo_a), torch.from_numpy(hi_a)
+        scale, zp = torch.from_numpy(scale_a), torch.from_numpy(zp_a)
+        energy = float(row_energy.sum())
     else:
-        if not per_channel:
-            lo, hi = lo.amin().reshape(1), hi.amax().reshape(1)
-        scale = torch.empty(len(bit_list), lo.numel(), dtype=torch.float32)
-        zp = torch.empty(len(bit_list), lo.numel(), dtype=torch.int32)
-        for i, b in enumerate(bit_list):
-            if be == "native":
-                s, z = native().qparams(lo.numpy(), hi.numpy(), b, bool(symmetric))
-                scale[i], zp[i] = torch.from_numpy(s), torch.from_numpy(z)
-            else:
-                scale[i], zp[i] = reference.qparams(lo, hi, b, bool(symmetric))
-    if be == "native":
-        sse, max_abs, energy = _native_table(m, lo, hi, scale, zp, bit_list, nt)
-    else:  # [B, 1] parameters broadcast over all rows in the reference
-        sse, max_abs = (t.numpy() for t in reference.error_table(m, scale, zp, bit_list))
-        energy = float(m.double().square().sum())
+        lo, hi = check_finite_minmax(m, name, be, nt)
+        scale, zp = _ranges(m, lo, hi, bit_list, per_channel, symmetric, clip, n_grid, step, p, be, nt)
+        if be == "native":
+            sse, max_abs, energy = _native_table(m, lo, hi, scale, zp, bit_list, nt)
+        else:  # [B, 1] parameters broadcast over all rows in the reference
+            sse, max_abs = (t.numpy() for t in reference.error_table(m, scale, zp, bit_list))
+            energy = float(m.double().square().sum())
     finite = np.isfinite(sse).all(axis=1) & np.isfinite(max_abs).all(axis=1)
     if not finite.all():
         bad = [b for b, ok in zip(bit_list, finite) if not ok]

@@ -13,6 +13,8 @@
 //                   (NaN -> lower bound), equal on every SIMD level
 //   quantize        codes <= qmax, dequantize(quantize(w)) == fake_quantize(w)
 //   error_table     max_abs exact, sse within 1e-5 relative of a double sum
+//   minmax_error_table  equal to channel_minmax + qparams + error_table, energy
+//                   within 1e-5 of a double sum, non-finite values counted
 //   clip_search     index in range, chosen error within 2e-5 of the naive
 //                   Lp error of that candidate and no worse than the best naive one
 //   pack/unpack     round trip; any byte stream unpacks to codes < 2^bits
@@ -310,6 +312,36 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         if (!(got >= 0.0) || std::fabs(got - want) > 1e-5 * want + sum_floor(s, 2.0, K))
           die("error_table sse", got, want, b * C + c);
       }
+  }
+
+  // ---- minmax_error_table: the fused call equals the two passes above
+  {
+    std::vector<float> flo(C), fhi(C), fscale(B * S), fmax(B * C);
+    std::vector<int32_t> fzp(B * S);
+    std::vector<double> fsse(B * C), energy(C);
+    int64_t fbad = -1;
+    minmax_error_table(w.data(), C, K, bits.data(), B, per_channel, symmetric, nt, flo.data(), fhi.data(),
+                       fscale.data(), fzp.data(), fsse.data(), fmax.data(), energy.data(), &fbad);
+    int64_t nbad = 0;
+    for (float v : w) nbad += std::isfinite(v) ? 0 : 1;
+    if (fbad != nbad) die("minmax_error_table non-finite count", fbad, nbad, 0);
+    if (finite) {
+      for (int64_t j = 0; j < B * S; ++j)
+        if (!(fscale[j] == scale[j] && fzp[j] == zp[j])) die("minmax_error_table qparams", fscale[j], scale[j], j);
+      for (int64_t j = 0; j < B * C; ++j) {
+        if (!(fmax[j] == max_abs[j])) die("minmax_error_table max_abs", fmax[j], max_abs[j], j);
+        if (!(fsse[j] == sse[j]) && !(std::isnan(fsse[j]) && std::isnan(sse[j])))
+          die("minmax_error_table sse", fsse[j], sse[j], j);
+      }
+      for (int64_t c = 0; c < C; ++c) {
+        double want = 0.0;
+        for (int64_t k = 0; k < K; ++k) want += static_cast<double>(w[c * K + k]) * w[c * K + k];
+        if (!(std::fabs(energy[c] - want) <= 1e-5 * want + 1e-300)) die("minmax_error_table energy", energy[c], want, c);
+      }
+    } else {
+      for (int64_t j = 0; j < B * C; ++j)
+        if (fsse[j] != 0.0 || fmax[j] != 0.0f) die("minmax_error_table table not cleared", fsse[j], fmax[j], j);
+    }
   }
 
   // ---- clip_search
