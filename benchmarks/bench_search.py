@@ -3,9 +3,10 @@
 Compares, in one run and on the weight shapes of ResNet-18 and ResNet-50
 (kaiming-normal, seed 0):
 
-* ``native``: ``mixquant.roundoff_error`` on the native backend (min/max pass, quantization
-  parameters, then the fused C++ error table serving all bit-widths and the energy in one pass);
-* ``native_kernel``: the bare fused kernel ``_core.error_table`` on precomputed parameters;
+* ``native``: ``mixquant.roundoff_error`` on the native backend (one C++ call per layer: per
+  channel, each row is read once for its min/max and then served from cache to the quantization
+  parameters, all bit-widths and the energy; per tensor, a min/max pass then the fused table);
+* ``native_kernel``: that C++ call alone (``_core.minmax_error_table``) on prepared matrices;
 * ``reference``: mixquant's pure-PyTorch twin;
 * ``torch_loop``: a loop over bit-widths of ``torch.fake_quantize_per_{tensor,channel}_affine``
   plus the squared-error sum (what a user would write with plain torch);
@@ -63,22 +64,16 @@ def table_with(weights, per_channel: bool, backend: str, threads: int):
 
 
 def kernel_only(weights, per_channel: bool, threads: int):
-    """The bare fused kernel (``_core.error_table``) on precomputed parameters: no min/max, no Python."""
+    """The bare native call behind ``roundoff_error`` (``_core.minmax_error_table``: min/max,
+    parameters, table and energy) on float32 matrices prepared beforehand: no Python per layer."""
     from mixquant import _core
 
     bits = np.asarray(BITS, dtype=np.int32)
-    jobs = []
-    for w in weights:
-        m = w.reshape(w.shape[0], -1).contiguous().numpy()
-        lo, hi, _ = _core.channel_minmax(m, 1)
-        if not per_channel:
-            lo, hi = lo.min(keepdims=True), hi.max(keepdims=True)
-        params = [_core.qparams(lo, hi, int(b), False) for b in bits]
-        jobs.append((m, np.stack([p[0] for p in params]), np.stack([p[1] for p in params])))
+    mats = [w.reshape(w.shape[0], -1).contiguous().numpy() for w in weights]
 
     def run():
-        for m, scale, zp in jobs:
-            _core.error_table(m, scale, zp, bits, threads)
+        for m in mats:
+            _core.minmax_error_table(m, bits, per_channel, False, threads)
     return run
 
 
@@ -143,7 +138,7 @@ def main() -> None:
                 t_nat = record(case, "native", threads, table_with(weights, per_channel, "native", threads), args.repeat)
                 t_ref = record(case, "reference", threads, table_with(weights, per_channel, "reference", threads), args.repeat)
                 t_tql = record(case, "torch_loop", threads, torch_loop(weights, per_channel), args.repeat)
-                print(f"    -> {n / 1e6:.1f} M weights, all {len(BITS)} bit-widths: fused kernel "
+                print(f"    -> {n / 1e6:.1f} M weights, all {len(BITS)} bit-widths: native call alone "
                       f"{n / t_ker / threads / 1e9:.2f} G elem/s/thread, whole roundoff_error "
                       f"{n / t_nat / threads / 1e9:.2f} G elem/s/thread; {t_ref / t_nat:.1f}x vs reference, "
                       f"{t_tql / t_nat:.1f}x vs torch loop")

@@ -10,7 +10,7 @@ import torch
 
 from . import reference
 from ._backend import native, resolve_backend, resolve_threads
-from .kernels import as_matrix, check_bits, check_finite_minmax
+from .kernels import MAX_BITS, as_matrix, check_bits, check_finite_minmax
 
 Tensor = torch.Tensor
 CLIP_METHODS = ("minmax", "mse")
@@ -20,6 +20,8 @@ __all__ = ["RoundoffError", "ClipSearchResult", "roundoff_error", "clip_search",
 
 def check_bit_list(bits: Iterable[int], name: str = "bits") -> List[int]:
     """Validate a candidate set of bit-widths: non-empty, ints in 1..16; sorted, unique."""
+    if type(bits) is range and bits.step > 0 and len(bits) and 1 <= bits.start and bits[-1] <= MAX_BITS:
+        return list(bits)  # the common case, already sorted and unique
     if isinstance(bits, (int, np.integer)) and not isinstance(bits, bool):
         bits = [bits]
     try:
@@ -211,38 +213,41 @@ def roundoff_error(
     m = as_matrix(tensor, ch_axis, name)
     if be == "native" and clip == "minmax":
         # One native call: min/max, parameters, table and energy, one pass per channel.
-        lo_a, hi_a, scale_a, zp_a, sse, max_abs, row_energy, n_bad = native().minmax_error_table(
-            m.numpy(), np.asarray(bit_list, np.int32), bool(per_channel), bool(symmetric), nt)
+        lo, hi, scale, zp, sse, max_abs, row_energy, n_bad = native().minmax_error_table(
+            m.numpy(), bit_list, bool(per_channel), bool(symmetric), nt)
         if n_bad:
             raise ValueError(f"{name} contains {n_bad} non-finite value(s) (NaN or Inf)")
-        lo, hi = torch.from_numpy(lo_a), torch.from_numpy(hi_a)
-        scale, zp = torch.from_numpy(scale_a), torch.from_numpy(zp_a)
         energy = float(row_energy.sum())
     else:
         lo, hi = check_finite_minmax(m, name, be, nt)
         scale, zp = _ranges(m, lo, hi, bit_list, per_channel, symmetric, clip, n_grid, step, p, be, nt)
+        scale, zp = scale.numpy(), zp.numpy()
         if be == "native":
-            sse, max_abs, energy = _native_table(m, lo, hi, scale, zp, bit_list, nt)
+            sse, max_abs, energy = _native_table(m, lo, hi, torch.from_numpy(scale), torch.from_numpy(zp),
+                                                 bit_list, nt)
         else:  # [B, 1] parameters broadcast over all rows in the reference
-            sse, max_abs = (t.numpy() for t in reference.error_table(m, scale, zp, bit_list))
+            sse, max_abs = (t.numpy() for t in reference.error_table(m, torch.from_numpy(scale),
+                                                                     torch.from_numpy(zp), bit_list))
             energy = float(m.double().square().sum())
-    finite = np.isfinite(sse).all(axis=1) & np.isfinite(max_abs).all(axis=1)
-    if not finite.all():
-        bad = [b for b, ok in zip(bit_list, finite) if not ok]
-        amax = float(torch.maximum(lo.abs().max(), hi.abs().max()))
+        lo, hi = lo.numpy(), hi.numpy()
+    # sse >= 0 in double cannot overflow when summed, and max |e| = inf implies sse = inf:
+    # the per-bit totals are finite exactly when the whole table is.
+    total = sse.sum(axis=1)
+    if not np.isfinite(total).all():
+        bad = [b for b, t in zip(bit_list, total) if not np.isfinite(t)]
+        amax = float(max(np.abs(lo).max(), np.abs(hi).max()))
         raise ValueError(f"{name}: the roundoff error at {bad} bits is not finite: values up to {amax:.4g} "
                          "are too close to the float32 limit for the quantization grid (a grid point "
                          "overflows float32); rescale the tensor")
     numel = m.numel()
-    total = sse.sum(axis=1)
     return RoundoffError(
         bits=np.asarray(bit_list, dtype=np.int64),
         sse=total,
         mse=total / numel,
         norm=total / energy if energy > 0 else np.zeros_like(total),
         max_abs=max_abs.max(axis=1).astype(np.float64),
-        scale=scale.numpy(),
-        zero_point=zp.numpy(),
+        scale=scale,
+        zero_point=zp,
         channel_sse=sse,
         channel_max_abs=max_abs,
         numel=numel,
