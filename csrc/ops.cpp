@@ -40,8 +40,8 @@ int64_t chunk_size(int64_t len) {
 }
 
 // Per-thread scratch is laid out with this stride (in elements of T) so that
-// two threads never write to the same cache line (false sharing made the
-// second thread nearly useless on short rows).
+// two threads never write to the same cache line (false sharing cost the
+// second thread a good part of its speed on short rows).
 template <class T>
 int64_t thread_stride(int64_t n) {
   const int64_t per_line = 64 / static_cast<int64_t>(sizeof(T));
@@ -273,7 +273,7 @@ namespace {
 //  symmetric:  scale = f32(max(-lo', hi') * 2 / qmax), zp = 2^(bits-1)
 //              (torch.ao's quint8 symmetric convention).
 //  all-zero range: scale = 1, zp as above.
-// Inline so that a row's bit-widths overlap their divisions (see minmax_row).
+// Inline so that the divisions of independent rows overlap (see minmax_run).
 inline void qparams_inline(float lo, float hi, int bits, bool symmetric, float* scale,
                            int32_t* zero_point) {
   const double qmax = qmax_of(bits);
@@ -411,7 +411,8 @@ int64_t minmax_run(const KernelTable* t, const float* w, int64_t r0, int64_t r1,
   }
   for (int64_t b = 0; b < B; ++b)
     for (int64_t c = r0; c < r1; ++c)
-      if (!sc.bad[c - r0]) qparams_inline(lo[c], hi[c], bits[b], symmetric, scale + b * C + c, zero_point + b * C + c);
+      if (!sc.bad[c - r0])
+        qparams_inline(lo[c], hi[c], bits[b], symmetric, scale + b * C + c, zero_point + b * C + c);
   for (int64_t c = r0; c < r1; ++c) {
     if (sc.bad[c - r0]) continue;
     QParam* qp = sc.qp.data() + (c - r0) * B;
@@ -461,9 +462,16 @@ void minmax_error_table(const float* w, int64_t C, int64_t K, const int32_t* bit
                         float* scale, int32_t* zero_point, double* sse, float* max_abs,
                         double* energy, int64_t* n_nonfinite) {
   const KernelTable* t = current_table();
+  // Everything starts at zero, so a refused (non-finite) tensor leaves no
+  // uninitialised output behind.
+  const int64_t S = per_channel ? C : 1;
   for (int64_t i = 0; i < B * C; ++i) {
     sse[i] = 0.0;
     max_abs[i] = 0.0f;
+  }
+  for (int64_t i = 0; i < B * S; ++i) {
+    scale[i] = 0.0f;
+    zero_point[i] = 0;
   }
   for (int64_t c = 0; c < C; ++c) energy[c] = 0.0;
   if (per_channel && K <= kMinChunk) {
@@ -501,13 +509,17 @@ void minmax_error_table(const float* w, int64_t C, int64_t K, const int32_t* bit
         sse[i] = 0.0;
         max_abs[i] = 0.0f;
       }
+      for (int64_t i = 0; i < B * S; ++i) {
+        scale[i] = 0.0f;
+        zero_point[i] = 0;
+      }
+      for (int64_t c = 0; c < C; ++c) energy[c] = 0.0;
     }
     return;
   }
   // Per tensor (or very long rows): the range must be known before the table.
   channel_minmax(w, C, K, num_threads, lo, hi, n_nonfinite);
   if (*n_nonfinite) return;
-  const int64_t S = per_channel ? C : 1;
   std::vector<float> glo(lo, lo + S), ghi(hi, hi + S);
   if (!per_channel)
     for (int64_t c = 1; c < C; ++c) {

@@ -28,8 +28,8 @@ void error_table(const float* w, int64_t C, int64_t K, const float* scale, const
 // finite range of each row, or of the whole matrix) and the energy sum w^2 of
 // every row, in one call: one pass over memory per channel when per_channel.
 // Outputs: lo/hi [C] (finite range of each row), scale/zero_point [B, S],
-// sse/max_abs [B, C], energy [C].  With n_nonfinite > 0 the table is all zero
-// and callers must refuse the tensor.
+// sse/max_abs [B, C], energy [C].  With n_nonfinite > 0 everything but lo/hi
+// is zero and callers must refuse the tensor.
 void minmax_error_table(const float* w, int64_t C, int64_t K, const int32_t* bits, int64_t B,
                         bool per_channel, bool symmetric, int num_threads, float* lo, float* hi,
                         float* scale, int32_t* zero_point, double* sse, float* max_abs,

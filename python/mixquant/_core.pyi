@@ -55,8 +55,8 @@ def minmax_error_table(
     """Min/max quantizers of every bit-width and their error table in one call.
 
     Returns ``(lo[C], hi[C], scale[B, S], zero_point[B, S], sse[B, C], max_abs[B, C],
-    energy[C], n_nonfinite)``; S is C per channel, else 1. The table is all zero when
-    ``n_nonfinite > 0``.
+    energy[C], n_nonfinite)``; S is C per channel, else 1. When ``n_nonfinite > 0`` every
+    output but ``lo``/``hi`` is zero (the tensor must be refused).
     """
 
 def clip_search(

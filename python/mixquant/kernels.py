@@ -12,6 +12,7 @@ from typing import Optional, Tuple, Union
 
 import numpy as np
 import torch
+from torch import nn
 
 from . import reference
 from ._backend import native, resolve_backend, resolve_threads
@@ -47,6 +48,10 @@ def as_matrix(w: Tensor, ch_axis: int = 0, name: str = "tensor") -> Tensor:
     Copies only when it must (another dtype, device, layout or channel axis).
     Raises TypeError for non-tensors and integer tensors, ValueError for empty ones.
     """
+    if (type(w) is torch.Tensor or type(w) is nn.Parameter) and w.dtype is torch.float32 and ch_axis == 0 \
+            and w.dim() >= 2 and w.device.type == "cpu" and w.layout is torch.strided and w.is_contiguous() \
+            and w.numel() > 0:
+        return w.detach().view(w.shape[0], -1)  # the common case: a float32 CPU weight, no copy
     if not isinstance(w, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(w).__name__}")
     if not w.is_floating_point():
