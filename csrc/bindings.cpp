@@ -242,6 +242,27 @@ py::tuple error_table(py::object w_obj, py::object scale_obj, py::object zp_obj,
   return py::make_tuple(sse, max_abs);
 }
 
+py::array_t<double> row_energy(py::object w_obj, py::object lo_obj, py::object hi_obj,
+                               int64_t num_threads) {
+  int64_t C, K;
+  F32 w = weight_arg(w_obj, false, &C, &K);
+  F32 lo = as_f32(lo_obj, "lo"), hi = as_f32(hi_obj, "hi");
+  check_ndim(lo, 1, "lo");
+  check_ndim(hi, 1, "hi");
+  if (lo.size() != C || hi.size() != C)
+    fail("lo and hi must have C=" + std::to_string(C) + " entries each, got " +
+         std::to_string(lo.size()) + " and " + std::to_string(hi.size()));
+  check_finite(lo.data(), C, "lo");
+  check_finite(hi.data(), C, "hi");
+  const int nt = check_threads(num_threads);
+  py::array_t<double> energy(C);
+  {
+    py::gil_scoped_release release;
+    mixquant::row_energy(w.data(), C, K, lo.data(), hi.data(), nt, energy.mutable_data());
+  }
+  return energy;
+}
+
 py::tuple minmax_error_table(py::object w_obj, py::object bits_obj, bool per_channel,
                              bool symmetric, int64_t num_threads) {
   int64_t C, K;
@@ -463,6 +484,8 @@ PYBIND11_MODULE(_core, m) {
         "(scale float32, zero_point int32) from ranges (lo, hi); zero is included first.");
   m.def("error_table", &error_table, "w"_a, "scale"_a, "zero_point"_a, "bits"_a, "num_threads"_a,
         "(sse float64[B, C], max_abs float32[B, C]) of fake-quantization errors for B bit-widths.");
+  m.def("row_energy", &row_energy, "w"_a, "lo"_a, "hi"_a, "num_threads"_a,
+        "sum(w[c]**2) of every row of a 2-D float32 w (float64[C]); lo/hi bound each row's values.");
   m.def("minmax_error_table", &minmax_error_table, "w"_a, "bits"_a, "per_channel"_a, "symmetric"_a,
         "num_threads"_a,
         "Min/max quantizers of every bit-width and their error table in one call: (lo[C], hi[C], "

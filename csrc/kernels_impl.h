@@ -91,6 +91,18 @@ inline V load_tail(const float* x, int64_t n) {
   return Vec::load(buf);
 }
 
+// Calls fn(xb, nb, tail) for each cache block [xb, xb + nb) of x[0, n), in
+// order; tail holds the block's last nb % L elements, zero-padded.
+template <class Fn>
+inline void for_each_block(const float* x, int64_t n, const Fn& fn) {
+  for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
+    const int64_t nb = min64(kBlock, n - b0);
+    const float* xb = x + b0;
+    const int64_t nvec = nb - nb % kLanes;
+    fn(xb, nb, nb > nvec ? load_tail(xb + nvec, nb - nvec) : Vec::zero());
+  }
+}
+
 // ---------------------------------------------------------------- minmax ----
 // Exact path: min/max over finite values only, and the count of NaN/Inf.
 void minmax_checked(const float* x, int64_t n, float* lo, float* hi, int64_t* nonfinite) {
@@ -247,11 +259,7 @@ void k_err_stats(const float* x, int64_t n, const QParam* qp, int64_t m, double*
   const char* pf_end = pf ? pf_at + pf_n * static_cast<int64_t>(sizeof(float)) : pf_at;
   const int64_t steps = ((n + kBlock - 1) / kBlock) * (m > 0 ? m : 1);
   const int64_t pf_per_step = (pf_end - pf_at + 64 * steps - 1) / (64 * steps);
-  for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
-    const int64_t nb = min64(kBlock, n - b0);
-    const float* xb = x + b0;
-    const int64_t nvec = nb - nb % kLanes;
-    const V tail = nb > nvec ? load_tail(xb + nvec, nb - nvec) : Vec::zero();
+  for_each_block(x, n, [&](const float* xb, int64_t nb, V tail) {
     for (int64_t j = 0; j < m; ++j) {
       for (int64_t k = 0; k < pf_per_step && pf_at < pf_end; ++k, pf_at += 64)
         __builtin_prefetch(pf_at, 0, 2);  // prefetcht1: into L2, not over this row in L1
@@ -267,7 +275,7 @@ void k_err_stats(const float* x, int64_t n, const QParam* qp, int64_t m, double*
     }
     if (energy)
       *energy += energy_escale == 1.0f ? sq_block<false>(xb, nb, tail, es) : sq_block<true>(xb, nb, tail, es);
-  }
+  });
 }
 
 // ------------------------------------------------------------- lp errors ----
@@ -358,17 +366,13 @@ template <class Pw>
 void lp_impl(const float* x, int64_t n, const QParam* qp, int64_t m, const Pw& pw,
              double* out) {
   for (int64_t j = 0; j < m; ++j) out[j] = 0.0;
-  for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
-    const int64_t nb = min64(kBlock, n - b0);
-    const float* xb = x + b0;
-    const int64_t nvec = nb - nb % kLanes;
-    const V tail = nb > nvec ? load_tail(xb + nvec, nb - nvec) : Vec::zero();
+  for_each_block(x, n, [&](const float* xb, int64_t nb, V tail) {
     for (int64_t j = 0; j < m; ++j) {
       const QV q = broadcast(qp[j]);
       out[j] += qp[j].escale == 1.0f ? lp_block<false>(xb, nb, tail, q, pw)
                                      : lp_block<true>(xb, nb, tail, q, pw);
     }
-  }
+  });
 }
 
 void k_lp_err(const float* x, int64_t n, const QParam* qp, int64_t m, double p, double* out) {

@@ -2,6 +2,7 @@
 // Baseline ISA only; the per-ISA kernels are reached through the KernelTable.
 #include "ops.h"
 
+#include <algorithm>
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
@@ -246,6 +247,18 @@ int energy_exponent(float amax) {
   return e < -126 ? -126 : (e > 126 ? 126 : e);
 }
 
+// The kernel form of (scale, zero_point) for data known to lie in [lo, hi]:
+// range exponent for p = 2 in *rexp, clamp dropped where it is a no-op.
+inline QParam ranged_qparam(float scale, int32_t zero_point, int bits, float lo, float hi, int* rexp) {
+  *rexp = range_exponent(scale, 2.0);
+  QParam q = make_qparam(scale, zero_point, bits, *rexp);
+  q.clamp = needs_clamp(q, lo, hi) ? 1 : 0;
+  return q;
+}
+
+// Energy exponent of data in [lo, hi].
+inline int energy_exponent(float lo, float hi) { return energy_exponent(-lo > hi ? -lo : hi); }
+
 std::vector<QParam> make_qparams(const float* scale, const int32_t* zero_point, int64_t S,
                                  int bits) {
   std::vector<QParam> q(static_cast<size_t>(S));
@@ -417,16 +430,13 @@ int64_t minmax_run(const KernelTable* t, const float* w, int64_t r0, int64_t r1,
     if (sc.bad[c - r0]) continue;
     QParam* qp = sc.qp.data() + (c - r0) * B;
     int* rexp = sc.rexp.data() + (c - r0) * B;
-    for (int64_t b = 0; b < B; ++b) {
-      rexp[b] = range_exponent(scale[b * C + c], 2.0);
-      qp[b] = make_qparam(scale[b * C + c], zero_point[b * C + c], bits[b], rexp[b]);
-      qp[b].clamp = needs_clamp(qp[b], lo[c], hi[c]) ? 1 : 0;
-    }
+    for (int64_t b = 0; b < B; ++b)
+      qp[b] = ranged_qparam(scale[b * C + c], zero_point[b * C + c], bits[b], lo[c], hi[c], rexp + b);
   }
   for (int64_t c = r0; c < r1; ++c) {
     if (sc.bad[c - r0]) continue;
     const int* rexp = sc.rexp.data() + (c - r0) * B;
-    const int ee = energy_exponent(-lo[c] > hi[c] ? -lo[c] : hi[c]);
+    const int ee = energy_exponent(lo[c], hi[c]);
     const float* next = c + ahead < C ? w + (c + ahead) * K : nullptr;
     double en;
     t->err_stats(w + c * K, K, sc.qp.data() + (c - r0) * B, B, sc.acc.data(), sc.mx.data(),
@@ -457,23 +467,28 @@ void error_table(const float* w, int64_t C, int64_t K, const float* scale, const
   table_pass(w, C, K, qp.data(), rexp.data(), nullptr, S, B, num_threads, sse, max_abs, nullptr);
 }
 
+void row_energy(const float* w, int64_t C, int64_t K, const float* lo, const float* hi,
+                int num_threads, double* energy) {
+  std::vector<int> eexp(static_cast<size_t>(C));
+  for (int64_t c = 0; c < C; ++c) eexp[c] = energy_exponent(lo[c], hi[c]);
+  table_pass(w, C, K, nullptr, nullptr, eexp.data(), C, 0, num_threads, nullptr, nullptr, energy);
+}
+
 void minmax_error_table(const float* w, int64_t C, int64_t K, const int32_t* bits, int64_t B,
                         bool per_channel, bool symmetric, int num_threads, float* lo, float* hi,
                         float* scale, int32_t* zero_point, double* sse, float* max_abs,
                         double* energy, int64_t* n_nonfinite) {
   const KernelTable* t = current_table();
-  // Everything starts at zero, so a refused (non-finite) tensor leaves no
-  // uninitialised output behind.
   const int64_t S = per_channel ? C : 1;
-  for (int64_t i = 0; i < B * C; ++i) {
-    sse[i] = 0.0;
-    max_abs[i] = 0.0f;
-  }
-  for (int64_t i = 0; i < B * S; ++i) {
-    scale[i] = 0.0f;
-    zero_point[i] = 0;
-  }
-  for (int64_t c = 0; c < C; ++c) energy[c] = 0.0;
+  // Everything but the ranges is zeroed for a refused (non-finite) tensor, so
+  // no uninitialised or half-filled output is left behind.
+  auto clear_outputs = [&] {
+    std::fill(sse, sse + B * C, 0.0);
+    std::fill(max_abs, max_abs + B * C, 0.0f);
+    std::fill(scale, scale + B * S, 0.0f);
+    std::fill(zero_point, zero_point + B * S, 0);
+    std::fill(energy, energy + C, 0.0);
+  };
   if (per_channel && K <= kMinChunk) {
     // Fused: each row is read from memory once (min/max), then served from
     // cache to all bit-widths and the energy.  A row is one chunk of
@@ -504,22 +519,15 @@ void minmax_error_table(const float* w, int64_t C, int64_t K, const int32_t* bit
       }
     }
     *n_nonfinite = bad;
-    if (bad) {  // callers refuse the tensor; leave nothing half-filled
-      for (int64_t i = 0; i < B * C; ++i) {
-        sse[i] = 0.0;
-        max_abs[i] = 0.0f;
-      }
-      for (int64_t i = 0; i < B * S; ++i) {
-        scale[i] = 0.0f;
-        zero_point[i] = 0;
-      }
-      for (int64_t c = 0; c < C; ++c) energy[c] = 0.0;
-    }
+    if (bad) clear_outputs();
     return;
   }
   // Per tensor (or very long rows): the range must be known before the table.
   channel_minmax(w, C, K, num_threads, lo, hi, n_nonfinite);
-  if (*n_nonfinite) return;
+  if (*n_nonfinite) {
+    clear_outputs();
+    return;
+  }
   std::vector<float> glo(lo, lo + S), ghi(hi, hi + S);
   if (!per_channel)
     for (int64_t c = 1; c < C; ++c) {
@@ -535,12 +543,9 @@ void minmax_error_table(const float* w, int64_t C, int64_t K, const int32_t* bit
       qparams_inline(glo[s], ghi[s], bits[b], symmetric, &sc, &z);
       scale[b * S + s] = sc;
       zero_point[b * S + s] = z;
-      rexp[s * B + b] = range_exponent(sc, 2.0);
-      QParam& q = qp[s * B + b];
-      q = make_qparam(sc, z, bits[b], rexp[s * B + b]);
-      q.clamp = needs_clamp(q, glo[s], ghi[s]) ? 1 : 0;
+      qp[s * B + b] = ranged_qparam(sc, z, bits[b], glo[s], ghi[s], &rexp[s * B + b]);
     }
-    eexp[s] = energy_exponent(-glo[s] > ghi[s] ? -glo[s] : ghi[s]);
+    eexp[s] = energy_exponent(glo[s], ghi[s]);
   }
   table_pass(w, C, K, qp.data(), rexp.data(), eexp.data(), S, B, num_threads, sse, max_abs, energy);
 }

@@ -24,6 +24,11 @@ void error_table(const float* w, int64_t C, int64_t K, const float* scale, const
                  int64_t S, const int32_t* bits, int64_t B, int num_threads, double* sse,
                  float* max_abs);
 
+// energy[c] = sum of w[c, :]^2 in double (range-scaled float blocks, like the
+// error sums); lo/hi [C] bound each row's values.
+void row_energy(const float* w, int64_t C, int64_t K, const float* lo, const float* hi,
+                int num_threads, double* energy);
+
 // The error table of the min/max quantizers of every bit-width (qparams of the
 // finite range of each row, or of the whole matrix) and the energy sum w^2 of
 // every row, in one call: one pass over memory per channel when per_channel.

@@ -316,6 +316,23 @@ def test_minmax_error_table_at_grid_edge_ties(level: str) -> None:
             np.testing.assert_array_equal(mx[i], e.abs().amax(1).numpy())
 
 
+@pytest.mark.parametrize("shape", [(6, 1), (6, 300), (6, 40_001)])
+def test_row_energy(level: str, shape) -> None:
+    """sum(w**2) per row in double, without overflow or underflow at the float32 extremes."""
+    w = rand_w(*shape, seed=shape[1])
+    w[1] *= np.float32(1e30)
+    w[2] *= np.float32(1e-30)
+    w[3] = np.float32(FLT_MAX) * np.sign(w[3] + 0.5)
+    w[4] = 0.0
+    w[5, 0] = np.float32(1e-45)  # a subnormal next to normal values
+    lo, hi, _ = _core.channel_minmax(w, 1)
+    want = (w.astype(np.float64) ** 2).sum(1)
+    for nt in (1, 2):
+        got = _core.row_energy(w, lo, hi, nt)
+        assert got.dtype == np.float64 and got.shape == (shape[0],)
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("per_channel", [True, False])
 def test_minmax_error_table_reports_nonfinite(level: str, per_channel: bool) -> None:
     w = rand_w(4, 100)
@@ -497,6 +514,9 @@ def _bad_calls():
         ("bits", lambda: _core.error_table(w, s2d, z2d, [20], 1)),
         ("bits", lambda: _core.error_table(w, s2d, z2d, [[4]], 1)),
         ("num_threads", lambda: _core.error_table(w, s2d, z2d, [4], -1)),
+        ("lo and hi", lambda: _core.row_energy(w, lo[:2], hi, 1)),
+        ("lo", lambda: _core.row_energy(w, np.full(3, np.nan, np.float32), hi, 1)),
+        ("num_threads", lambda: _core.row_energy(w, lo, hi, 0)),
         ("bits", lambda: _core.minmax_error_table(w, [], True, False, 1)),
         ("bits", lambda: _core.minmax_error_table(w, [0], True, False, 1)),
         ("w", lambda: _core.minmax_error_table(w[:, :0], [4], True, False, 1)),

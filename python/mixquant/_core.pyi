@@ -45,6 +45,9 @@ def error_table(
 ) -> tuple[_F64, _F32]:
     """One fused pass: ``(sse[B, C] float64, max_abs[B, C] float32)`` of ``w - fake_quantize(w)`` for ``scale/zero_point[B, S]``, ``bits[B]``."""
 
+def row_energy(w: npt.ArrayLike, lo: npt.ArrayLike, hi: npt.ArrayLike, num_threads: int) -> _F64:
+    """``sum(w[c]**2)`` of every row (float64[C]); ``lo``/``hi`` bound each row's values (range scaling)."""
+
 def minmax_error_table(
     w: npt.ArrayLike,
     bits: _Bits,

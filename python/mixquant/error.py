@@ -100,40 +100,6 @@ def _search_ranges(m: Tensor, lo: Tensor, hi: Tensor, bits: List[int], per_chann
     return reference.clip_search(m, lo, hi, bits, bool(symmetric), int(n_grid), float(step), float(p))
 
 
-_FLT_MAX = float(torch.finfo(torch.float32).max)
-_FLT_MIN = float(torch.finfo(torch.float32).tiny)
-
-
-def _energy_scales(lo: Tensor, hi: Tensor, groups: int) -> Optional[Tensor]:
-    """Grid steps that turn the error table into ``sum(w**2)``, or None when they cannot.
-
-    A quantizer whose step is 4x the largest magnitude of its group rounds
-    every weight to code 0, so its "error" is the weight itself: one more row
-    of the fused error table gives the energy in double, with the kernel's
-    overflow-safe accumulation and no float64 copy of the tensor. Beyond
-    FLT_MAX / 8 the step would overflow, and the caller sums in float64 instead.
-    """
-    amax = torch.maximum(lo.abs(), hi.abs())
-    if groups == 1:
-        amax = amax.max().reshape(1)
-    if float(amax.max()) > _FLT_MAX / 8:
-        return None
-    return torch.where(amax > 0, amax * 4, torch.ones_like(amax)).clamp_min(_FLT_MIN)
-
-
-def _native_table(m: Tensor, lo: Tensor, hi: Tensor, scale: Tensor, zp: Tensor, bits: List[int], nt: int):
-    """Native error table of ``bits`` plus the tensor's energy, in one pass over the data."""
-    steps = _energy_scales(lo, hi, scale.shape[1])
-    if steps is None:
-        sse, max_abs = native().error_table(m.numpy(), scale.numpy(), zp.numpy(), np.asarray(bits, np.int32), nt)
-        return sse, max_abs, float(m.double().square().sum())
-    all_scale = torch.cat([scale, steps.reshape(1, -1)]).contiguous()
-    all_zp = torch.cat([zp, torch.zeros(1, scale.shape[1], dtype=torch.int32)]).contiguous()
-    sse, max_abs = native().error_table(m.numpy(), all_scale.numpy(), all_zp.numpy(),
-                                        np.asarray(bits + [1], np.int32), nt)
-    return sse[:-1], max_abs[:-1], float(sse[-1].sum())
-
-
 def _ranges(m: Tensor, lo: Tensor, hi: Tensor, bit_list: List[int], per_channel: bool, symmetric: bool,
             clip: str, n_grid: int, step: float, p: float, be: str, nt: int):
     """``[B, S]`` scales and zero points: of the min/max range, or of the clipping search."""
@@ -221,15 +187,14 @@ def roundoff_error(
     else:
         lo, hi = check_finite_minmax(m, name, be, nt)
         scale, zp = _ranges(m, lo, hi, bit_list, per_channel, symmetric, clip, n_grid, step, p, be, nt)
-        scale, zp = scale.numpy(), zp.numpy()
         if be == "native":
-            sse, max_abs, energy = _native_table(m, lo, hi, torch.from_numpy(scale), torch.from_numpy(zp),
-                                                 bit_list, nt)
+            sse, max_abs = native().error_table(m.numpy(), scale.numpy(), zp.numpy(),
+                                                np.asarray(bit_list, np.int32), nt)
+            energy = float(native().row_energy(m.numpy(), lo.numpy(), hi.numpy(), nt).sum())
         else:  # [B, 1] parameters broadcast over all rows in the reference
-            sse, max_abs = (t.numpy() for t in reference.error_table(m, torch.from_numpy(scale),
-                                                                     torch.from_numpy(zp), bit_list))
+            sse, max_abs = (t.numpy() for t in reference.error_table(m, scale, zp, bit_list))
             energy = float(m.double().square().sum())
-        lo, hi = lo.numpy(), hi.numpy()
+        lo, hi, scale, zp = lo.numpy(), hi.numpy(), scale.numpy(), zp.numpy()
     # sse >= 0 in double cannot overflow when summed, and max |e| = inf implies sse = inf:
     # the per-bit totals are finite exactly when the whole table is.
     total = sse.sum(axis=1)

@@ -15,6 +15,7 @@
 //   error_table     max_abs exact, sse within 1e-5 relative of a double sum
 //   minmax_error_table  equal to channel_minmax + qparams + error_table, energy
 //                   within 1e-5 of a double sum, non-finite values counted
+//   row_energy      within 1e-5 of a double sum
 //   clip_search     index in range, chosen error within 2e-5 of the naive
 //                   Lp error of that candidate and no worse than the best naive one
 //   pack/unpack     round trip; any byte stream unpacks to codes < 2^bits
@@ -333,10 +334,13 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         if (!(fsse[j] == sse[j]) && !(std::isnan(fsse[j]) && std::isnan(sse[j])))
           die("minmax_error_table sse", fsse[j], sse[j], j);
       }
+      std::vector<double> renergy(C);
+      row_energy(w.data(), C, K, flo.data(), fhi.data(), nt, renergy.data());
       for (int64_t c = 0; c < C; ++c) {
         double want = 0.0;
         for (int64_t k = 0; k < K; ++k) want += static_cast<double>(w[c * K + k]) * w[c * K + k];
         if (!(std::fabs(energy[c] - want) <= 1e-5 * want + 1e-300)) die("minmax_error_table energy", energy[c], want, c);
+        if (!(std::fabs(renergy[c] - want) <= 1e-5 * want + 1e-300)) die("row_energy", renergy[c], want, c);
       }
     } else {
       for (int64_t j = 0; j < B * C; ++j)
@@ -364,10 +368,11 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       // Naive Lp error of every candidate of this group.
       const float* x = per_channel ? w.data() + s * K : w.data();
       const int64_t len = per_channel ? K : n;
-      double best_naive = INFINITY, at_chosen = NAN;
+      // Each candidate has its own floor; the widest (smallest-scale one) bounds them all.
+      double best_naive = INFINITY, at_chosen = NAN, floor = 0.0;
+      const float l0 = lo[s] < 0.0f ? lo[s] : 0.0f, h0 = hi[s] > 0.0f ? hi[s] : 0.0f;
       for (int64_t i = 0; i < n_grid; ++i) {
         const double f = 1.0 - static_cast<double>(i) * step;
-        const float l0 = lo[s] < 0.0f ? lo[s] : 0.0f, h0 = hi[s] > 0.0f ? hi[s] : 0.0f;
         float cs;
         int32_t cz;
         qparams_one(static_cast<float>(l0 * f), static_cast<float>(h0 * f), bits[b], symmetric, &cs, &cz);
@@ -381,19 +386,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
           if (!(cs == sc && cz == czp[j])) die("clip scale/zp != candidate's", cs, sc, j);
         }
         best_naive = acc < best_naive ? acc : best_naive;
-      }
-      if (std::isinf(at_chosen)) continue;  // overflowing grid: nothing to compare
-      // Each candidate has its own floor; the widest (smallest-scale one) bounds them all.
-      double floor = 0.0;
-      for (int64_t i = 0; i < n_grid; ++i) {
-        const double f = 1.0 - static_cast<double>(i) * step;
-        const float l0 = lo[s] < 0.0f ? lo[s] : 0.0f, h0 = hi[s] > 0.0f ? hi[s] : 0.0f;
-        float cs;
-        int32_t cz;
-        qparams_one(static_cast<float>(l0 * f), static_cast<float>(h0 * f), bits[b], symmetric, &cs, &cz);
         const double fl = sum_floor(cs, p, len);
         floor = fl > floor ? fl : floor;
       }
+      if (std::isinf(at_chosen)) continue;  // overflowing grid: nothing to compare
       const double tol = 2e-5 * at_chosen + floor;
       if (!(std::fabs(lp[j] - at_chosen) <= tol)) die("clip lp_err vs naive", lp[j], at_chosen, j);
       if (!(at_chosen <= best_naive * (1.0 + 4e-5) + 2.0 * floor)) die("clip not optimal", at_chosen, best_naive, j);
