@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from .model_io import MODEL_HELP, load_model
+from .model_io import MODEL_HELP, add_trust_file_option, load_model
 from .quantize_cmd import DATA_HELP, add_data_options, load_inputs
 
 
@@ -28,8 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace --json if it exists")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     add_data_options(p)
-    p.add_argument("--trust-file", action="store_true",
-                   help="allow unpickling a whole module from MODEL (can run code from the file; only for trusted files)")
+    add_trust_file_option(p)
     p.set_defaults(func=run)
 
 

@@ -19,6 +19,12 @@ MODEL_HELP = (
 )
 
 
+def add_trust_file_option(p) -> None:
+    """The --trust-file switch of every command that loads MODEL."""
+    p.add_argument("--trust-file", action="store_true",
+                   help="allow unpickling a whole module from MODEL (can run code from the file; only for trusted files)")
+
+
 # A legacy (non-zip) torch.save file opens with the pickled magic number.
 _LEGACY_MAGIC = b"\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19"
 

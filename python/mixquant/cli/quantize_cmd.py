@@ -8,7 +8,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .model_io import MODEL_HELP, load_model
+from .model_io import MODEL_HELP, add_trust_file_option, load_model
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 DATA_HELP = (
@@ -103,8 +103,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_data_options(p)
     p.add_argument("--out", required=True, help="where to write the quantized model (.safetensors)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--trust-file", action="store_true",
-                   help="allow unpickling a whole module from MODEL (can run code from the file; only for trusted files)")
+    add_trust_file_option(p)
     p.set_defaults(func=run)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Dict, List
 
-from .model_io import MODEL_HELP, load_model
+from .model_io import MODEL_HELP, add_trust_file_option, load_model
 
 
 def parse_bits(text: str) -> List[int]:
@@ -68,8 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None, help="native threads (default MIXQUANT_NUM_THREADS or torch's)")
     p.add_argument("--out", required=True, help="where to write the bit config (JSON)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--trust-file", action="store_true",
-                   help="allow unpickling a whole module from MODEL (can run code from the file; only for trusted files)")
+    add_trust_file_option(p)
     p.set_defaults(func=run)
 
 
