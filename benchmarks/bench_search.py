@@ -13,7 +13,10 @@ Compares, in one run and on the weight shapes of ResNet-18 and ResNet-50
 
 for per-tensor and per-channel quantization with 1 and 2 threads; then the
 clipping search (80 ratios x 7 bit-widths) native vs reference, and a whole
-``mixquant.search`` of ResNet-50.
+``mixquant.search`` of ResNet-50. Two more groups look inside the native call
+(ResNet-50, per channel): ``levels`` times it on every SIMD level the machine
+has, ``shapes`` on each distinct layer shape alone, repeated on data that
+stays in cache (the cost per row shows on short rows).
 
     python benchmarks/bench_search.py --json out.json
 
@@ -40,6 +43,7 @@ import mixquant  # noqa: E402
 from resnets import resnet18, resnet50  # noqa: E402
 
 BITS = list(range(2, 9))
+GROUPS = ["table", "clip", "search", "levels", "shapes"]
 
 
 def median_time(fn: Callable[[], object], repeat: int) -> float:
@@ -111,7 +115,7 @@ def main() -> None:
     parser.add_argument("--json", help="write the records to this file")
     parser.add_argument("--repeat", type=int, default=5, help="timed runs per case (median; default 5)")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--only", nargs="+", choices=["table", "clip", "search"], default=["table", "clip", "search"],
+    parser.add_argument("--only", nargs="+", choices=GROUPS, default=GROUPS,
                         help="which groups of cases to run (default all)")
     parser.add_argument("--clip-repeat", type=int, default=5,
                         help="timed runs of the clipping search (the reference takes minutes at 5)")
@@ -156,6 +160,20 @@ def main() -> None:
         t = record("search/resnet50/per_channel/avg_bits=4", "native", threads,
                    lambda: mixquant.search(model, BITS, avg_bits=4.0, num_threads=threads), args.repeat)
         print(f"    -> whole search of ResNet-50 (54 layers, 25.5 M weights): {t * 1e3:.1f} ms")
+
+    weights = models["resnet50"]
+    n = sum(w.numel() for w in weights)
+    for level in mixquant.supported_simd_levels() if "levels" in args.only else ():
+        with mixquant.use_simd_level(level):
+            t = record(f"simd_level/resnet50/per_channel/{level}", "native_kernel", 1,
+                       kernel_only(weights, True, 1), args.repeat)
+        print(f"    -> {level}: {n / t / 1e9:.2f} G elem/s")
+
+    shapes = sorted({tuple(w.reshape(w.shape[0], -1).shape) for w in weights}, key=lambda s: (s[1], s[0]))
+    for c, k in shapes if "shapes" in args.only else ():
+        m = torch.nn.init.kaiming_normal_(torch.empty(c, k), generator=torch.Generator().manual_seed(0))
+        t = record(f"shape/resnet50/{c}x{k}", "native_kernel", 1, kernel_only([m], True, 1), args.repeat)
+        print(f"    -> rows of {k}: {c * k / t / 1e9:.2f} G elem/s, {t / c * 1e9:.0f} ns per row")
 
     if args.json:
         with open(args.json, "w") as fh:
