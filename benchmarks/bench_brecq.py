@@ -40,12 +40,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import mixquant
-from mixquant.fold import fold_bn
+from mixquant.nn.fold import fold_bn
 from mixquant.methods import adaround
 from mixquant.methods.adaround import GAMMA, ZETA, AdaRound
 from mixquant.methods.brecq import BrecqOptions, make_step
 from mixquant.methods.cache import UnitData
-from mixquant.quantize import quantize
+from mixquant.api.quantize import quantize
 
 # --------------------------------------------------------------------------- networks
 

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 import mixquant
-from mixquant import _core, reference
+from mixquant import _core
+from mixquant.core import reference
 
 BITS = list(range(2, 9))
 

@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "quant_limits.h"
 #include "ops.h"
 #include "simd.h"
 
@@ -24,8 +25,7 @@ using U16 = py::array_t<uint16_t, py::array::c_style>;
 
 [[noreturn]] void fail(const std::string& msg) { throw py::value_error(msg); }
 
-// Upper bound on the working memory of one clip_search call (8 GiB).
-constexpr int64_t kMaxScratchBytes = int64_t{1} << 33;
+namespace lim = mixquant::limits;
 
 std::string shape_str(const py::array& a) {
   std::string s = "(";
@@ -72,8 +72,9 @@ void check_ndim(const py::array& a, int ndim, const char* name) {
 }
 
 int check_bits(int64_t bits, const char* name = "bits") {
-  if (bits < 1 || bits > 16)
-    fail(std::string(name) + " must be in 1..16, got " + std::to_string(bits));
+  if (bits < lim::kMinBits || bits > lim::kMaxBits)
+    fail(std::string(name) + " must be in " + std::to_string(lim::kMinBits) + ".." +
+         std::to_string(lim::kMaxBits) + ", got " + std::to_string(bits));
   return static_cast<int>(bits);
 }
 
@@ -149,6 +150,19 @@ Params1D params_1d(py::handle scale_obj, py::handle zp_obj, int bits, int64_t C)
   p.zp = zero_points(z, std::vector<int>(1, bits), p.S > 0 ? p.S : 1, "zero_point");
   return p;
 }
+
+py::dict limits_dict() {
+  py::dict d;
+  d["min_bits"] = lim::kMinBits;
+  d["max_bits"] = lim::kMaxBits;
+  d["min_act_bits"] = lim::kMinActBits;
+  d["max_act_bits"] = lim::kMaxActBits;
+  d["max_n_grid"] = lim::kMaxNGrid;
+  d["max_clip_scratch_bytes"] = lim::kMaxClipScratchBytes;
+  return d;
+}
+
+py::bool_ clip_grid_ok(int64_t n_grid, double step) { return lim::clip_grid_ok(n_grid, step); }
 
 py::str simd_level() { return mixquant::simd_level_name(mixquant::current_simd_level()); }
 
@@ -302,19 +316,20 @@ py::tuple clip_search(py::object w_obj, py::object lo_obj, py::object hi_obj, py
   const std::vector<int> bits = bits_list(bits_obj);
   const int64_t B = static_cast<int64_t>(bits.size());
   if (n_grid < 1) fail("n_grid must be >= 1, got " + std::to_string(n_grid));
-  if (n_grid > 100000) fail("n_grid must be <= 100000, got " + std::to_string(n_grid));
+  if (n_grid > lim::kMaxNGrid)
+    fail("n_grid must be <= " + std::to_string(lim::kMaxNGrid) + ", got " + std::to_string(n_grid));
   if (!(step > 0.0) || !std::isfinite(step)) fail("step must be > 0, got " + std::to_string(step));
-  if (static_cast<double>(n_grid) * step > 1.0)
-    fail("n_grid * step must be <= 1 so that every clipping factor 1 - i*step stays > 0, got " +
-         std::to_string(static_cast<double>(n_grid) * step));
+  if (!lim::clip_grid_ok(n_grid, step))
+    fail("(n_grid - 1) * step must be < 1 so that every clipping factor 1 - i*step stays > 0, got " +
+         std::to_string(static_cast<double>(n_grid - 1) * step));
   if (!(p > 0.0) || !std::isfinite(p)) fail("p must be finite and > 0, got " + std::to_string(p));
   const int nt = check_threads(num_threads);
   // The fused search keeps one error sum per candidate, group and chunk: refuse
   // requests whose working memory alone would exhaust the machine.
   const int64_t scratch = mixquant::clip_search_scratch_bytes(C, K, S, B, n_grid, nt);
-  if (scratch > kMaxScratchBytes)
+  if (scratch > lim::kMaxClipScratchBytes)
     fail("clip_search would need " + std::to_string(scratch >> 20) + " MiB of working memory (limit " +
-         std::to_string(kMaxScratchBytes >> 20) + " MiB): use fewer grid points (n_grid=" +
+         std::to_string(lim::kMaxClipScratchBytes >> 20) + " MiB): use fewer grid points (n_grid=" +
          std::to_string(n_grid) + "), fewer bit-widths (" + std::to_string(B) +
          ") or per-channel parameters");
   py::array_t<int32_t> best({B, S});
@@ -478,6 +493,10 @@ PYBIND11_MODULE(_core, m) {
   m.def("set_simd_level", &set_simd_level, "name"_a,
         "Switch the SIMD level; ValueError if unknown or unsupported.");
   m.def("has_openmp", &mixquant::openmp_enabled, "Whether the core was built with OpenMP.");
+  m.def("limits", &limits_dict,
+        "The limits the binding checks (bit-widths, activation bit-widths, clipping grid, scratch memory).");
+  m.def("clip_grid_ok", &clip_grid_ok, "n_grid"_a, "step"_a,
+        "Whether every clipping factor 1 - i*step (0 <= i < n_grid) is positive, as the binding checks it.");
   m.def("channel_minmax", &channel_minmax, "w"_a, "num_threads"_a,
         "Per-row (min, max) over finite values of a 2-D float32 w, and the count of NaN/Inf.");
   m.def("qparams", &qparams, "lo"_a, "hi"_a, "bits"_a, "symmetric"_a,

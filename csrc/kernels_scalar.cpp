@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "round_even.h"
 #include "simd.h"
 
 namespace mixquant {
@@ -34,15 +35,8 @@ struct Vec {
   // Same NaN behaviour as x86 minps/maxps: the second operand is returned.
   static V min(V a, V b) { return a < b ? a : b; }
   static V max(V a, V b) { return a > b ? a : b; }
-  // Round half to even without a libm call: for |x| < 2^23, (|x| + 2^23) - 2^23
-  // rounds to an integer in the default round-to-nearest-even mode; larger
-  // magnitudes (and NaN/Inf) are returned unchanged.  Identical to
-  // std::nearbyint(x) in the default rounding mode, including -0.0.
-  static V round_ne(V x) {
-    const float a = std::fabs(x);
-    if (!(a < 8388608.0f)) return x;
-    return std::copysign((a + 8388608.0f) - 8388608.0f, x);
-  }
+  // Round half to even (round_even.h; exact, including -0.0 and |x| >= 2^23).
+  static V round_ne(V x) { return round_even(x); }
   static V abs(V x) { return std::fabs(x); }
   // max(m, |e|) for finite e and m >= 0.
   static V absmax(V m, V e) { return max(m, abs(e)); }

@@ -9,6 +9,7 @@
 #include <cstring>
 #include <vector>
 
+#include "round_even.h"
 #include "simd.h"
 
 #ifdef _OPENMP
@@ -144,21 +145,6 @@ void for_each_chunk(int64_t C, int64_t K, int num_threads, const Fn& fn) {
     const int64_t r = it / nc, off = (it % nc) * kElemChunk;
     fn(r, off, K - off < kElemChunk ? K - off : kElemChunk);
   }
-}
-
-// Round half to even without a libm call (these run 20+ times per row of a
-// table): (|x| + 2^m) - 2^m rounds to an integer in the default rounding
-// mode when |x| < 2^m; larger magnitudes and NaN/Inf are already "rounded".
-// Identical to std::nearbyint in the default mode, -0.0 included.
-inline float round_even(float x) {
-  const float a = std::fabs(x);
-  if (!(a < 8388608.0f)) return x;
-  return std::copysign((a + 8388608.0f) - 8388608.0f, x);
-}
-inline double round_even(double x) {
-  const double a = std::fabs(x);
-  if (!(a < 4503599627370496.0)) return x;
-  return std::copysign((a + 4503599627370496.0) - 4503599627370496.0, x);
 }
 
 // ilogb of a finite non-zero float, read from its exponent bits when normal.

@@ -12,8 +12,8 @@ from _quant_models import Odd, images, tiny_mobilenet, tiny_resnet
 import mixquant
 from mixquant.methods import BrecqReport, register_block
 from mixquant.methods.adaround import GAMMA, ZETA, AdaRound, LinearTempDecay
-from mixquant.qmodules import ActQuantizer
-from mixquant.quantize import quantize
+from mixquant.nn.qmodules import ActQuantizer
+from mixquant.api.quantize import quantize
 
 # Small blocks are overhead-bound: one thread is fastest, and on a shared machine much faster.
 FAST = {"num_threads": 1, "progress": False, "batch_size": 16}

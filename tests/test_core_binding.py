@@ -525,7 +525,7 @@ def _bad_calls():
         ("n_grid", lambda: _core.clip_search(w, lo, hi, [4], False, 0, 0.01, 2.0, 1)),
         ("step", lambda: _core.clip_search(w, lo, hi, [4], False, 10, 0.0, 2.0, 1)),
         ("step", lambda: _core.clip_search(w, lo, hi, [4], False, 10, -0.1, 2.0, 1)),
-        ("n_grid \\* step", lambda: _core.clip_search(w, lo, hi, [4], False, 11, 0.1, 2.0, 1)),
+        ("n_grid - 1\\) \\* step", lambda: _core.clip_search(w, lo, hi, [4], False, 11, 0.1, 2.0, 1)),
         ("p", lambda: _core.clip_search(w, lo, hi, [4], False, 10, 0.01, 0.0, 1)),
         ("p", lambda: _core.clip_search(w, lo, hi, [4], False, 10, 0.01, -2.0, 1)),
         ("lo", lambda: _core.clip_search(w, lo[:2], hi[:2], [4], False, 10, 0.01, 2.0, 1)),

@@ -27,7 +27,7 @@ def _have_photos() -> bool:
 
 @pytest.mark.skipif(not _have_photos(), reason="offline MobileNetV2 / photos not installed (scripts/install_data.sh)")
 def test_demo_quick_writes_every_report_file(tmp_path, capsys):
-    from mixquant.demo import REPORT_FILES
+    from mixquant.experiments.demo import REPORT_FILES
     from mixquant.experiments.plots import is_png
 
     out = tmp_path / "report"
@@ -116,7 +116,7 @@ def test_cli_quantize_evaluate_round_trip(tmp_path, capsys):
 def test_cli_calibration_from_an_image_folder(tmp_path):
     from PIL import Image
 
-    from mixquant.cli.quantize_cmd import load_inputs
+    from mixquant.cli.common import load_inputs
 
     folder = tmp_path / "imgs"
     folder.mkdir()

@@ -10,8 +10,8 @@ import torch.nn as nn
 from _quant_models import TinyMobileNet, TinyResNet, images, tiny_mobilenet, tiny_resnet
 
 import mixquant
-from mixquant.export import export, load_quantized
-from mixquant.quantize import quant_info, quantize
+from mixquant.io.export import export, load_quantized
+from mixquant.api.quantize import quant_info, quantize
 
 
 def _mixed(model: nn.Module, **kw) -> mixquant.BitConfig:

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 import mixquant
 from conftest import make_small_net, simd_levels
 from mixquant import _core
-from mixquant._io import write_bytes_atomic, write_text_atomic
+from mixquant.io.files import write_bytes_atomic, write_text_atomic
 from mixquant.cli import main
 
 LEVELS = simd_levels()
@@ -606,7 +606,7 @@ def test_no_clobber_and_symlinks(tmp_path):
 _KILL_SCRIPT = textwrap.dedent(
     """
     import os, sys, time
-    from mixquant import _io
+    from mixquant.io import files as _io
     real_fsync = os.fsync
     def stall(fd):
         # The payload is in the temporary file, not yet renamed into place.

@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from mixquant.knapsack import InfeasibleBudget, solve_mckp
+from mixquant.allocation.knapsack import InfeasibleBudget, solve_mckp
 
 
 def brute_force(weights, costs, capacity):

@@ -9,11 +9,11 @@ import torch.nn as nn
 from _quant_models import Odd, TinyResNet, images, tiny_mobilenet, tiny_resnet
 
 import mixquant
-from mixquant.fold import find_bn_pairs, fold_bn
+from mixquant.nn.fold import find_bn_pairs, fold_bn
 from mixquant.methods import AsymmetricOptions, BrecqOptions, is_block, register_block
 from mixquant.methods.blocks import build_units
-from mixquant.qmodules import ActQuantizer
-from mixquant.quantize import quant_info, quantize
+from mixquant.nn.qmodules import ActQuantizer
+from mixquant.api.quantize import quant_info, quantize
 
 
 def _state(model: nn.Module) -> dict:

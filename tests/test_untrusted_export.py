@@ -19,8 +19,8 @@ import torch
 from _quant_models import TinyResNet, tiny_resnet
 
 import mixquant
-from mixquant.export import export, load_quantized
-from mixquant.quantize import quantize
+from mixquant.io.export import export, load_quantized
+from mixquant.api.quantize import quantize
 
 safetensors_torch = pytest.importorskip("safetensors.torch")
 from safetensors import safe_open  # noqa: E402
@@ -221,6 +221,8 @@ META_EDITS = {
     "layer_unknown_name": lambda m: m.update(layers=json.dumps({"no.such.layer": {"bits": 4, "shape": [2, 2],
                                                                                   "ch_axis": 0}})),
     "act_bits_bad": lambda m: m.update(input_act_bits=json.dumps({"conv1": 99})),
+    "act_bits_1": lambda m: m.update(act_bits="1"),  # quantize refuses 1-bit activations: so must the loader
+    "input_act_bits_1": lambda m: m.update(input_act_bits=json.dumps({"conv1": 1})),
     "folded_bn_bad": lambda m: m.update(folded_bn=json.dumps([["nope", "nope"]])),
     "requested_bits_bad": lambda m: m.update(requested_bits=json.dumps({"conv1": "x"})),
 }

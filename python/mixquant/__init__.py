@@ -3,12 +3,22 @@
 The search (:func:`search`) measures, for every quantizable layer and every
 candidate bit-width, the quantize→dequantize roundoff error of the layer's
 weights with a fused native kernel, and picks per-layer bits from that table
-(:class:`BitConfig`). The config then drives a quantization method.
+(:class:`BitConfig`). The config then drives a quantization method
+(:func:`quantize`), and :func:`export` writes the result with packed integer weights.
+
+The package's rooms, lower ones never importing higher ones (README, "Layout"):
+``core`` (native kernels and their reference twins) < ``nn`` (model plumbing)
+< ``allocation`` (error tables, rules, ``BitConfig``) and ``methods`` <
+``api`` (``search``, ``quantize``) < ``io.export`` < this module < the studies
+(``zoo``, ``experiments``) and ``cli``.
 """
 
 from __future__ import annotations
 
-from ._backend import (
+from .allocation.bitconfig import BitConfig
+from .api.quantize import QuantInfo, quant_info, quantize
+from .api.search import search, uniform
+from .core.backend import (
     get_backend,
     set_backend,
     set_simd_level,
@@ -17,24 +27,15 @@ from ._backend import (
     use_backend,
     use_simd_level,
 )
-from .bitconfig import BitConfig
-from .error import ClipSearchResult, RoundoffError, clip_search, roundoff_error
-from .export import ExportInfo, export, load_quantized
-from .fold import fold_bn
-from .kernels import (
-    choose_qparams,
-    dequantize_tensor,
-    fake_quantize_tensor,
-    pack_bits,
-    quantize_tensor,
-    unpack_bits,
-)
-from .layers import channel_axis, find_layers, register_quantizable
-from .methods.blocks import register_block
+from .core.error import RoundoffError, roundoff_error
+from .core.kernels import dequantize_tensor, fake_quantize_tensor, pack_bits, quantize_tensor, unpack_bits
+from .core.ranges import ClipSearchResult, choose_qparams, clip_search
+from .io.export import ExportInfo, export, load_quantized
 from .methods.asymmetric import AsymmetricOptions
+from .methods.blocks import register_block
 from .methods.brecq import BrecqOptions, BrecqReport
-from .quantize import QuantInfo, quant_info, quantize
-from .search import search, uniform
+from .nn.fold import fold_bn
+from .nn.layers import channel_axis, find_layers, register_quantizable
 
 __version__ = "0.1.0"
 

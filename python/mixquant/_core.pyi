@@ -30,6 +30,13 @@ def set_simd_level(name: str) -> None:
 def has_openmp() -> bool:
     """Whether the core was built with OpenMP (otherwise ``num_threads`` is ignored)."""
 
+def limits() -> dict[str, int]:
+    """The limits the binding checks: ``min_bits``, ``max_bits``, ``min_act_bits``, ``max_act_bits``,
+    ``max_n_grid``, ``max_clip_scratch_bytes`` (mirrors :mod:`mixquant.core.limits`)."""
+
+def clip_grid_ok(n_grid: int, step: float) -> bool:
+    """Whether every clipping factor ``1 - i*step`` (``0 <= i < n_grid``) is positive."""
+
 def channel_minmax(w: npt.ArrayLike, num_threads: int) -> tuple[_F32, _F32, int]:
     """Per-row ``(lo[C], hi[C], n_nonfinite)`` over finite values; rows without any finite value give (0, 0)."""
 

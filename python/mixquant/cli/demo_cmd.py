@@ -6,7 +6,7 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..demo import DEFAULT_OUT
+    from ..experiments.demo import DEFAULT_OUT
 
     p = sub.add_parser(
         "demo",
@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..demo import run_demo
+    from ..experiments.demo import run_demo
 
     if args.threads is not None:
         if args.threads < 1:

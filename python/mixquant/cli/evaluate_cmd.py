@@ -8,8 +8,7 @@ import os
 
 import torch
 
-from .model_io import MODEL_HELP, add_trust_file_option, load_model
-from .quantize_cmd import DATA_HELP, add_data_options, load_inputs
+from .common import DATA_HELP, MODEL_HELP, add_data_options, add_trust_file_option, load_inputs, load_model
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -46,8 +45,8 @@ def evaluate_files(model_spec: str, qpath: str, x: torch.Tensor, y=None, *, batc
     """Numbers reported by ``mixquant evaluate`` (also usable from Python)."""
     import torch.nn.functional as F
 
-    from ..export import load_quantized
-    from ..quantize import quant_info
+    from ..api.quantize import quant_info
+    from ..io.export import load_quantized
 
     if batch_size < 1:
         raise ValueError("--batch-size must be >= 1")

@@ -4,77 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Optional, Tuple
 
 import torch
 
-from .model_io import MODEL_HELP, add_trust_file_option, load_model
-
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-DATA_HELP = (
-    "a .pt file read with torch.load(weights_only=True) holding a tensor [N, ...] of model-ready inputs, an "
-    "(inputs, labels) tuple, or a dict with 'x' (and optionally 'y'); or a folder of images, each resized "
-    "(shorter side to --resize), centre-cropped to --image-size and normalised with the ImageNet mean/std"
-)
-
-
-def load_inputs(path: str, *, image_size: int = 224, resize: Optional[int] = None
-                ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Inputs (and labels, when the file has them) from a tensor file or a folder of images (see DATA_HELP)."""
-    if os.path.isdir(path):
-        return _load_folder(path, image_size, resize), None
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path!r} is neither a file nor a folder")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - report any unreadable file the same way
-        raise ValueError(f"{path!r} is not a tensor file that torch.load(weights_only=True) can read: "
-                         f"{str(exc).splitlines()[0][:200]}") from None
-    x = y = None
-    if isinstance(obj, torch.Tensor):
-        x = obj
-    elif isinstance(obj, (tuple, list)) and len(obj) == 2 and all(isinstance(t, torch.Tensor) for t in obj):
-        x, y = obj
-    elif isinstance(obj, dict):
-        x = next((obj[k] for k in ("x", "inputs", "images") if k in obj), None)
-        y = next((obj[k] for k in ("y", "labels", "targets") if k in obj), None)
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{path!r} must hold a tensor, an (inputs, labels) tuple or a dict with 'x' "
-                         f"(and 'y'); found {type(obj).__name__}")
-    if not x.is_floating_point():
-        raise ValueError(f"{path!r}: inputs must be floating point, got {x.dtype}")
-    if x.dim() < 2 or x.shape[0] == 0:
-        raise ValueError(f"{path!r}: inputs must be a non-empty batch [N, ...], got shape {tuple(x.shape)}")
-    if y is not None:
-        if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.shape[0] != x.shape[0]:
-            raise ValueError(f"{path!r}: labels must be a 1-D tensor with one label per input")
-        y = y.long()
-    return x.float(), y
-
-
-def _load_folder(folder: str, image_size: int, resize: Optional[int]) -> torch.Tensor:
-    from ..zoo import imagenet_preprocess
-
-    try:
-        from PIL import Image
-    except ImportError as exc:  # pragma: no cover
-        raise ImportError("reading a folder of images needs Pillow: pip install pillow") from exc
-    files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTS))
-    if not files:
-        raise ValueError(f"folder {folder!r} holds no images ({', '.join(IMAGE_EXTS)})")
-    resize = resize or int(round(image_size * 256 / 224))
-    out = []
-    for f in files:
-        with Image.open(os.path.join(folder, f)) as im:
-            out.append(imagenet_preprocess(im.convert("RGB"), resize=resize, size=image_size))
-    return torch.stack(out)
-
-
-def add_data_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--image-size", type=int, default=224, help="crop size for a folder of images (default 224)")
-    p.add_argument("--resize", type=int, default=None,
-                   help="shorter side before cropping, for a folder of images (default image-size x 256/224)")
-
+from .common import DATA_HELP, MODEL_HELP, add_data_options, add_trust_file_option, load_inputs, load_model
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -108,10 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..bitconfig import BitConfig
-    from ..experiments.runner import quantize_fn
-    from ..export import export
-    from ..quantize import quant_info
+    from ..allocation.bitconfig import BitConfig
+    from ..api.quantize import quant_info, quantize
+    from ..io.export import export
 
     if os.path.exists(args.out) and not args.overwrite:
         raise FileExistsError(f"{args.out!r} exists; pass --overwrite to replace it")
@@ -139,7 +71,6 @@ def run(args: argparse.Namespace) -> int:
                  if getattr(args, n) is not None]
         if given:
             raise ValueError(f"{', '.join(given)} only apply to --method brecq")
-    quantize = quantize_fn()
     qmodel = quantize(model, config, args.method, calib_data=calib, act_bits=args.act_bits,
                       per_channel=args.per_channel, seed=args.seed, progress=True, **options)
     info = export(qmodel, args.out, overwrite=args.overwrite)  # atomic: temporary file + rename

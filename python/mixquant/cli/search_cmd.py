@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Dict, List
 
-from .model_io import MODEL_HELP, add_trust_file_option, load_model
+from .common import MODEL_HELP, add_trust_file_option, load_model
 
 
 def parse_bits(text: str) -> List[int]:
@@ -37,7 +37,7 @@ def parse_keep(items: List[str]) -> Dict[str, int]:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..search import DEFAULT_OBJECTIVE, OBJECTIVES
+    from ..allocation.rules import DEFAULT_OBJECTIVE, OBJECTIVES
 
     p = sub.add_parser(
         "search",
@@ -73,7 +73,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..search import search
+    from ..api.search import search
 
     model = load_model(args.model, trust_file=args.trust_file)
     config = search(

@@ -86,15 +86,6 @@ def _fmt(g: Optional[Dict[str, Any]], metric: str) -> str:
     return s + (f" ± {100 * sd:.2f}" if g["n"] > 1 else "")
 
 
-def _delta(a: Optional[Dict[str, Any]], b: Optional[Dict[str, Any]], metric: str) -> str:
-    if a is None or b is None:
-        return "–"
-    d = b["mean"][metric] - a["mean"][metric]
-    if metric == "kl":
-        return f"{d:+.4f}"
-    return f"{100 * d:+.2f}"
-
-
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]

@@ -32,7 +32,7 @@ from torch import nn
 
 from .setups import SCALES, SETUP_NAMES, EvalData, Scale, Setup, build_setup, first_last_layers
 
-__all__ = ["Job", "METHODS", "RECORD_KEYS", "run_experiments", "plan_jobs", "quantize_fn", "machine_info",
+__all__ = ["Job", "METHODS", "RECORD_KEYS", "run_experiments", "plan_jobs", "machine_info",
            "load_results", "save_results", "merge_results"]
 
 METHODS = ("asymmetric", "brecq")
@@ -45,18 +45,6 @@ RECORD_KEYS = (
     "size_bytes", "objective", "qem", "qem_reference", "per_channel", "pinned", "act_bits", "seed", "metrics",
     "quant_seconds", "eval_seconds", "bits",
 )
-
-
-def quantize_fn() -> Callable[..., nn.Module]:
-    """``mixquant.quantize`` (the function), whether or not the package exports it yet."""
-    import mixquant
-
-    fn = getattr(mixquant, "quantize", None)
-    if callable(fn):
-        return fn
-    from mixquant.quantize import quantize
-
-    return quantize
 
 
 @dataclass(frozen=True)
@@ -274,7 +262,8 @@ class _ModelRun:
         return opts
 
     def run(self, job: Job) -> Dict[str, Any]:
-        quantize = quantize_fn()
+        import mixquant
+
         cfg = self.config(job)
         kwargs: Dict[str, Any] = {"progress": False, "seed": job.seed}
         if job.method == "brecq":
@@ -285,7 +274,7 @@ class _ModelRun:
         if job.act_bits is not None:
             kwargs["act_bits"] = job.act_bits
         t0 = time.perf_counter()
-        qmodel = quantize(self.model, cfg, job.method, **kwargs)
+        qmodel = mixquant.quantize(self.model, cfg, job.method, **kwargs)
         t1 = time.perf_counter()
         metrics = self.metrics(self.logits(qmodel))
         t2 = time.perf_counter()

@@ -92,7 +92,7 @@ class Setup:
 
 def first_last_layers(model: nn.Module, sample: torch.Tensor) -> Tuple[str, str]:
     """Names of the first and last quantizable layer in execution order."""
-    from ..layers import find_layers
+    from ..nn.layers import find_layers
     from ..methods.common import execution_order
 
     order = execution_order(model, list(find_layers(model)), sample[:1])

@@ -22,7 +22,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .. import qmodules
+from ..nn import qmodules
 
 __all__ = ["AdaRound", "LinearTempDecay", "GAMMA", "ZETA"]
 

@@ -8,24 +8,17 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .. import qmodules
-from ..fold import fold_bn_pairs
-from ..kernels import choose_qparams, quantize_tensor
-from ..layers import channel_axis
+from ..core.kernels import quantize_tensor
+from ..core.limits import CLIP_METHODS
+from ..core.ranges import spec_qparams
+from ..core.spec import QuantizerSpec
+from ..nn import qmodules
+from ..nn.fold import fold_bn_pairs
+from ..nn.layers import channel_axis
 from .blocks import build_units
-from .common import (
-    MethodResult,
-    QuantJob,
-    attach_activations,
-    check_optional_bits,
-    check_type,
-    observe_activations,
-    plan_activations,
-)
+from .common import MethodResult, QuantJob, check_optional_bits, check_type, observe_activations, plan_activations
 
 __all__ = ["AsymmetricOptions", "quantize_asymmetric", "quantize_weights_rtn"]
-
-CLIPS = ("minmax", "mse")
 
 
 @dataclass
@@ -34,8 +27,8 @@ class AsymmetricOptions:
 
     Attributes:
         clip: weight range rule: "minmax" (full range) or "mse" (clipping-range
-            search with the native kernel, lowest Lp error); None = the config's ``clip``.
-        p: norm of the "mse" search error (``sum |w - w_hat|^p``). Default 2.0.
+            search with the native kernel, lowest Lp error); None (default) = the config's ``clip``.
+        p: norm of the "mse" search error (``sum |w - w_hat|^p``); None (default) = the config's ``p``.
         fold_bn: fold batch norms into the preceding layers before quantizing. Default False.
         keep_first_last_8bit: raise the first and last layer's weights to at
             least 8 bits. Default False (the config is applied as is).
@@ -49,7 +42,7 @@ class AsymmetricOptions:
     """
 
     clip: Optional[str] = None
-    p: float = 2.0
+    p: Optional[float] = None
     fold_bn: bool = False
     keep_first_last_8bit: bool = False
     first_layer_input_bits: Optional[int] = 8
@@ -59,11 +52,12 @@ class AsymmetricOptions:
     batch_size: int = 64
 
     def __post_init__(self) -> None:
-        if self.clip is not None and self.clip not in CLIPS:
-            raise ValueError(f"clip must be one of {CLIPS} or None, got {self.clip!r}")
-        check_type(self.p, (int, float), "p")
-        if not self.p > 0:
-            raise ValueError(f"p must be > 0, got {self.p}")
+        if self.clip is not None and self.clip not in CLIP_METHODS:
+            raise ValueError(f"clip must be one of {CLIP_METHODS} or None, got {self.clip!r}")
+        if self.p is not None:
+            check_type(self.p, (int, float), "p")
+            if not self.p > 0:
+                raise ValueError(f"p must be > 0 or None, got {self.p}")
         for name in ("fold_bn", "keep_first_last_8bit", "quantize_block_outputs"):
             check_type(getattr(self, name), bool, name)
         check_optional_bits(self.first_layer_input_bits, "first_layer_input_bits")
@@ -77,15 +71,17 @@ class AsymmetricOptions:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
 
-def quantize_weights_rtn(
-    layer: nn.Module, bits: int, *, per_channel: bool, symmetric: bool, clip: str, p: float, name: str
-) -> None:
+def applied_spec(job: QuantJob, options: AsymmetricOptions) -> QuantizerSpec:
+    """The config's quantizer with the options' explicit ``clip``/``p`` overrides."""
+    changes = {k: v for k, v in (("clip", options.clip), ("p", options.p)) if v is not None}
+    return job.spec.replace(**changes) if changes else job.spec
+
+
+def quantize_weights_rtn(layer: nn.Module, bits: int, spec: QuantizerSpec, name: str) -> None:
     """Round-to-nearest quantization of one layer's weight, stored with :func:`qmodules.set_quantized_weight`."""
     ch = channel_axis(layer)
     w = layer.weight.detach()
-    scale, zp = choose_qparams(
-        w, bits, per_channel=per_channel, symmetric=symmetric, clip=clip, p=p, ch_axis=ch, name=name
-    )
+    scale, zp = spec_qparams(w, bits, spec, ch_axis=ch, name=name)
     codes = quantize_tensor(w, scale, zp, bits, ch_axis=ch)
     qmodules.set_quantized_weight(layer, codes.to(w.device), scale, zp, bits, ch)
 
@@ -95,23 +91,20 @@ def quantize_asymmetric(model: nn.Module, job: QuantJob, options: AsymmetricOpti
     result = MethodResult()
     if options.fold_bn:
         result.folded_bn = fold_bn_pairs(model)
-    clip = options.clip or job.clip
+    spec = applied_spec(job, options)
     for name, bits in job.bits.items():
-        quantize_weights_rtn(
-            model.get_submodule(name), bits,
-            per_channel=job.per_channel, symmetric=job.symmetric, clip=clip, p=options.p, name=name,
-        )
+        quantize_weights_rtn(model.get_submodule(name), bits, spec, name)
     if job.act_bits is not None:
         blocks = [u.name for u in build_units(model, job.bits, job.order) if u.kind == "block"]
         inputs, outputs = plan_activations(
             job, options.first_layer_input_bits, options.last_layer_input_bits,
             blocks if options.quantize_block_outputs else [],
         )
-        attach_activations(model, inputs, outputs)
+        qmodules.attach_activations(model, inputs, outputs)
         assert job.calib_x is not None  # checked by quantize()
         x = job.calib_x if options.num_samples is None else job.calib_x[: options.num_samples]
         p = next(model.parameters(), None)
         observe_activations(model, x, options.batch_size, p.device if p is not None else torch.device("cpu"))
         result.input_act_bits, result.output_act_bits = inputs, outputs
-    result.report = {"method": "asymmetric", "clip": clip, "layers": len(job.bits)}
+    result.report = {"method": "asymmetric", "clip": spec.clip, "p": spec.p, "layers": len(job.bits)}
     return result

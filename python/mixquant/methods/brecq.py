@@ -8,7 +8,7 @@ Pipeline (Li et al., ICLR 2021), with each layer at the bit-width the
 3. For each unit in execution order: cache its input as produced by the
    network upstream, already quantized, and the float network's output of the
    unit; initialise each layer's scale by the clipping search
-   (:func:`mixquant.choose_qparams` with ``clip="mse"``, ``p=2.4``); optimise the
+   (the clipping search of :mod:`mixquant.core.ranges` at ``p=2.4``); optimise the
    AdaRound variables of all the unit's layers together on
    ``reconstruction loss + rounding_weight * regulariser`` (regulariser off
    for the first ``warmup`` of the iterations, then ``beta`` annealed from
@@ -41,22 +41,14 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .. import qmodules
-from ..fold import fold_bn_pairs
-from ..kernels import choose_qparams
-from ..layers import channel_axis
+from ..core.ranges import spec_qparams
+from ..nn import qmodules
+from ..nn.fold import fold_bn_pairs
+from ..nn.layers import channel_axis
 from . import adaround
 from .blocks import Unit, build_units
 from .cache import Budget, NoData, UnitData, Unsupported, capture_inputs, capture_targets, eval_loss, fisher_labels, rec_loss
-from .common import (
-    MethodResult,
-    QuantJob,
-    attach_activations,
-    check_optional_bits,
-    check_type,
-    observe_activations,
-    plan_activations,
-)
+from .common import MethodResult, QuantJob, check_optional_bits, check_type, observe_activations, plan_activations
 from .lsq import learn_step_sizes
 
 __all__ = ["BrecqOptions", "BrecqReport", "UnitRecord", "quantize_brecq"]
@@ -220,9 +212,8 @@ class BrecqReport:
 def _init_rounding(layer: nn.Module, bits: int, job: QuantJob, opts: BrecqOptions, name: str) -> adaround.AdaRound:
     ch = channel_axis(layer)
     w = layer.weight.detach()
-    scale, zp = choose_qparams(
-        w, bits, per_channel=job.per_channel, symmetric=job.symmetric, clip="mse", p=opts.scale_p, ch_axis=ch, name=name
-    )
+    # BRECQ's initialisation: the config's grid, range by the clipping search at scale_p.
+    scale, zp = spec_qparams(w, bits, job.spec.replace(clip="mse", p=opts.scale_p), ch_axis=ch, name=name)
     return adaround.AdaRound(w, scale.to(w.device), zp.to(w.device), bits, ch)
 
 
@@ -394,7 +385,7 @@ def _quantize_brecq(model: nn.Module, job: QuantJob, opts: BrecqOptions) -> Meth
         if job.act_bits is not None:
             blocks = [u.name for u in done if u.kind == "block"] if opts.quantize_block_outputs else []
             inputs, outputs = plan_activations(job, opts.first_layer_input_bits, opts.last_layer_input_bits, blocks)
-            attach_activations(model, inputs, outputs)
+            qmodules.attach_activations(model, inputs, outputs)
             observe_activations(model, x, opts.batch_size, device)
             result.input_act_bits, result.output_act_bits = inputs, outputs
             if opts.act_iters > 0:

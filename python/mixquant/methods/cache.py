@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .calib import batches
+from ..nn.calib import batches
 
 __all__ = ["UnitData", "Budget", "Unsupported", "NoData", "capture_inputs", "capture_targets", "fisher_labels", "rec_loss", "eval_loss"]
 

@@ -9,9 +9,13 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Type, TypeVar
 import torch
 import torch.nn as nn
 
-from .. import qmodules
+from ..core.limits import MAX_ACT_BITS, MIN_ACT_BITS
+from ..core.spec import QuantizerSpec
+from ..nn import qmodules
+from ..nn.calib import batches, eval_mode
 
-__all__ = ["QuantJob", "MethodResult", "build_options", "check_optional_bits", "execution_order", "plan_activations"]
+__all__ = ["QuantJob", "MethodResult", "build_options", "check_optional_bits", "execution_order", "plan_activations",
+           "observe_activations"]
 
 T = TypeVar("T")
 
@@ -22,8 +26,8 @@ class QuantJob:
 
     Attributes:
         bits: layer fqn → weight bits actually applied (first/last overrides included).
-        per_channel, symmetric: weight quantizer granularity and symmetry.
-        clip: the config's range rule ("minmax" | "mse"), used when a method option leaves it open.
+        spec: the weight quantizer of the config (granularity, symmetry, range rule and its
+            norm), applied unless a method option overrides a field explicitly.
         act_bits: activation bits, or None for weight-only quantization.
         order: quantized layer names in execution order (first = model input layer, last = output layer).
         calib_x, calib_y: calibration inputs ``[N, ...]`` (CPU) and labels ``[N]`` or None.
@@ -32,9 +36,7 @@ class QuantJob:
     """
 
     bits: Dict[str, int]
-    per_channel: bool
-    symmetric: bool
-    clip: str
+    spec: QuantizerSpec
     act_bits: Optional[int]
     order: List[str]
     calib_x: Optional[torch.Tensor]
@@ -54,13 +56,14 @@ class MethodResult:
 
 
 def check_optional_bits(value: Any, name: str) -> None:
-    """ValueError/TypeError unless ``value`` is None or an int in 2..16."""
+    """ValueError/TypeError unless ``value`` is None or an activation bit-width."""
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int in 2..16 or None, got {type(value).__name__}")
-    if not 2 <= value <= 16:
-        raise ValueError(f"{name} must be in 2..16, got {value}")
+        raise TypeError(f"{name} must be an int in {MIN_ACT_BITS}..{MAX_ACT_BITS} or None, "
+                        f"got {type(value).__name__}")
+    if not MIN_ACT_BITS <= value <= MAX_ACT_BITS:
+        raise ValueError(f"{name} must be in {MIN_ACT_BITS}..{MAX_ACT_BITS}, got {value}")
 
 
 def check_type(value: Any, types: Any, name: str) -> None:
@@ -104,8 +107,6 @@ def execution_order(model: nn.Module, names: List[str], sample: Optional[torch.T
             seen.setdefault(name, len(seen))
         handles.append(modules[name].register_forward_pre_hook(hook))
     try:
-        from .calib import eval_mode
-
         p = next(model.parameters(), None)
         with torch.no_grad(), eval_mode(model):
             model(sample.to(p.device if p is not None else "cpu"))
@@ -144,19 +145,9 @@ def plan_activations(
     return inputs, outputs
 
 
-def attach_activations(model: nn.Module, inputs: Dict[str, int], outputs: Dict[str, int]) -> None:
-    """Attach input quantizers (per layer) and output quantizers (per block) as planned."""
-    for name, bits in inputs.items():
-        qmodules.attach_input_quantizer(model.get_submodule(name), bits, name)
-    for name, bits in outputs.items():
-        qmodules.attach_output_quantizer(model.get_submodule(name), bits, name)
-
-
 @torch.no_grad()
 def observe_activations(model: nn.Module, x: torch.Tensor, batch_size: int, device: torch.device) -> None:
     """Record min/max of every activation quantizer over ``x``, then set their scales (min/max rule)."""
-    from .calib import batches
-
     qmodules.set_act_mode(model, "observe")
     for xb in batches(x, batch_size, device):
         model(xb)

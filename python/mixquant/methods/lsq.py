@@ -1,6 +1,6 @@
 """Learned activation step sizes (LSQ style), one reconstruction unit at a time.
 
-The weights are already final. Every :class:`~mixquant.qmodules.ActQuantizer`
+The weights are already final. Every :class:`~mixquant.nn.qmodules.ActQuantizer`
 inside the unit (the input quantizers of its layers and, for a block, the
 quantizer after the residual add) learns its scale by minimising the unit's
 reconstruction loss, with straight-through rounding, Adam and a cosine
@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .. import qmodules
+from ..nn import qmodules
 from .cache import UnitData, eval_loss, rec_loss
 
 __all__ = ["learn_step_sizes"]

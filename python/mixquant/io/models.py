@@ -1,4 +1,4 @@
-"""Loading a user's model for the CLI, safely by default."""
+"""Loading a user's model from a file or a factory, safely by default."""
 
 from __future__ import annotations
 
@@ -17,12 +17,6 @@ MODEL_HELP = (
     "module. Files load with torch.load(weights_only=True), which cannot run code; a pickled whole "
     "module needs --trust-file, because unpickling it can execute arbitrary code from the file."
 )
-
-
-def add_trust_file_option(p) -> None:
-    """The --trust-file switch of every command that loads MODEL."""
-    p.add_argument("--trust-file", action="store_true",
-                   help="allow unpickling a whole module from MODEL (can run code from the file; only for trusted files)")
 
 
 # A legacy (non-zip) torch.save file opens with the pickled magic number.

@@ -1,16 +1,18 @@
-"""Strict parsing of a bit config read from a file: every field is checked before use."""
+"""The bit-config file format, and its strict parser: every field is checked before use."""
 
 from __future__ import annotations
 
 import math
 from typing import Any, Mapping
 
-MAX_BITS = 16
+from ..core.limits import CLIP_METHODS, MAX_BITS, MIN_BITS
+
+FORMAT = "mixquant.bitconfig"
+VERSION = 1
+METRICS = ("sse", "mse", "norm", "max_abs")
 MAX_LAYERS = 100_000
 MAX_DIMS = 8
 MAX_NUMEL = 2**48
-
-_METRICS = ("sse", "mse", "norm", "max_abs")
 
 
 def _fail(msg: str) -> None:
@@ -42,9 +44,7 @@ def _number(value: Any, what: str) -> float:
 
 
 def parse_bitconfig(cls: type, data: Mapping[str, Any]) -> Any:
-    """Validate ``data`` (as written by ``BitConfig.to_dict``) and build ``cls`` from it."""
-    from .bitconfig import FORMAT, VERSION  # the format constants live with the class
-
+    """Validate ``data`` (as written by ``BitConfig.to_dict``) and build ``cls`` (``BitConfig``) from it."""
     if not isinstance(data, Mapping):
         _fail(f"top level must be a JSON object, got {type(data).__name__}")
     if data.get("format") != FORMAT:
@@ -55,15 +55,15 @@ def parse_bitconfig(cls: type, data: Mapping[str, Any]) -> Any:
     per_channel = _bool(data.get("per_channel"), "per_channel")
     symmetric = _bool(data.get("symmetric"), "symmetric")
     clip = data.get("clip")
-    if clip not in ("minmax", "mse"):
-        _fail(f"clip must be 'minmax' or 'mse', got {clip!r}")
+    if clip not in CLIP_METHODS:
+        _fail(f"clip must be one of {CLIP_METHODS}, got {clip!r}")
     p = _number(data.get("p"), "p")
     if p <= 0:
         _fail(f"p must be positive, got {p}")
     candidates = data.get("candidates")
     if not isinstance(candidates, list) or not candidates or len(candidates) > MAX_BITS:
         _fail("candidates must be a non-empty list of bit-widths")
-    candidates = [_int(b, "candidate bit-width", 1, MAX_BITS) for b in candidates]
+    candidates = [_int(b, "candidate bit-width", MIN_BITS, MAX_BITS) for b in candidates]
     rule = data.get("rule")
     if not isinstance(rule, dict) or not isinstance(rule.get("name"), str):
         _fail("rule must be an object with a 'name'")
@@ -82,7 +82,7 @@ def parse_bitconfig(cls: type, data: Mapping[str, Any]) -> Any:
             _fail(f"layer #{i} needs a string 'name'")
         if name in bits:
             _fail(f"layer {name!r} appears twice")
-        bits[name] = _int(layer.get("bits"), f"bits of layer {name!r}", 1, MAX_BITS)
+        bits[name] = _int(layer.get("bits"), f"bits of layer {name!r}", MIN_BITS, MAX_BITS)
         shape = layer.get("shape")
         if not isinstance(shape, list) or not 2 <= len(shape) <= MAX_DIMS:
             _fail(f"shape of layer {name!r} must be a list of 2..{MAX_DIMS} ints")
@@ -108,13 +108,13 @@ def parse_bitconfig(cls: type, data: Mapping[str, Any]) -> Any:
 
 
 def _parse_errors(table: Any, name: str) -> dict:
-    if not isinstance(table, dict) or set(table) != {"bits", *_METRICS}:
-        _fail(f"errors of layer {name!r} must hold 'bits' and {_METRICS}")
+    if not isinstance(table, dict) or set(table) != {"bits", *METRICS}:
+        _fail(f"errors of layer {name!r} must hold 'bits' and {METRICS}")
     table_bits = table["bits"]
     if not isinstance(table_bits, list) or not table_bits or len(table_bits) > MAX_BITS:
         _fail(f"errors of layer {name!r}: 'bits' must be a non-empty list")
-    out = {"bits": [_int(b, f"error table bits of {name!r}", 1, MAX_BITS) for b in table_bits]}
-    for metric in _METRICS:
+    out = {"bits": [_int(b, f"error table bits of {name!r}", MIN_BITS, MAX_BITS) for b in table_bits]}
+    for metric in METRICS:
         values = table[metric]
         if not isinstance(values, list) or len(values) != len(table_bits):
             _fail(f"errors of layer {name!r}: {metric!r} must have {len(table_bits)} values")

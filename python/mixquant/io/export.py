@@ -33,13 +33,13 @@ from typing import Dict, Union
 import torch
 import torch.nn as nn
 
-from . import qmodules
-from ._io import write_bytes_atomic
-from .bitconfig import BitConfig
-from .fold import apply_fold_structure
-from .kernels import pack_bits, quantize_tensor, unpack_bits
-from .methods.common import attach_activations
-from .quantize import QuantState, _state, quantized_keys
+from ..allocation.bitconfig import BitConfig
+from ..api.quantize import QuantState, _state, quantized_keys
+from ..core.kernels import pack_bits, quantize_tensor, unpack_bits
+from ..core.limits import MAX_ACT_BITS, MAX_BITS, MIN_ACT_BITS, MIN_BITS
+from ..nn import qmodules
+from ..nn.fold import apply_fold_structure
+from .files import write_bytes_atomic
 
 __all__ = ["export", "load_quantized", "ExportInfo", "FORMAT", "VERSION"]
 
@@ -237,12 +237,12 @@ def _meta(metadata: Dict[str, str], key: str, path: str):
         raise _bad(path, f"metadata entry {key!r} is not valid JSON ({exc})") from None
 
 
-def _bits_map(value, what: str, path: str, lo: int = 1) -> Dict[str, int]:
+def _bits_map(value, what: str, path: str, lo: int, hi: int) -> Dict[str, int]:
     if not isinstance(value, dict) or not all(
-        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and lo <= v <= 16
+        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
         for k, v in value.items()
     ):
-        raise _bad(path, f"{what} must map names to bit-widths in {lo}..16")
+        raise _bad(path, f"{what} must map names to bit-widths in {lo}..{hi}")
     return value
 
 
@@ -312,12 +312,13 @@ def load_quantized(path: PathLike, model: nn.Module) -> nn.Module:
         isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair) for pair in folded
     ):
         raise _bad(path, "folded_bn must be a list of [layer, batch norm] name pairs")
-    inputs = _bits_map(_meta(metadata, "input_act_bits", path), "input_act_bits", path)
-    outputs = _bits_map(_meta(metadata, "output_act_bits", path), "output_act_bits", path)
-    requested = _bits_map(_meta(metadata, "requested_bits", path), "requested_bits", path)
+    inputs = _bits_map(_meta(metadata, "input_act_bits", path), "input_act_bits", path, MIN_ACT_BITS, MAX_ACT_BITS)
+    outputs = _bits_map(_meta(metadata, "output_act_bits", path), "output_act_bits", path, MIN_ACT_BITS, MAX_ACT_BITS)
+    requested = _bits_map(_meta(metadata, "requested_bits", path), "requested_bits", path, MIN_BITS, MAX_BITS)
     act_bits = _meta(metadata, "act_bits", path)
-    if act_bits is not None and (not isinstance(act_bits, int) or isinstance(act_bits, bool) or not 1 <= act_bits <= 16):
-        raise _bad(path, f"act_bits {act_bits!r} is not a bit-width")
+    if act_bits is not None and (not isinstance(act_bits, int) or isinstance(act_bits, bool)
+                                 or not MIN_ACT_BITS <= act_bits <= MAX_ACT_BITS):
+        raise _bad(path, f"act_bits {act_bits!r} is not an activation bit-width ({MIN_ACT_BITS}..{MAX_ACT_BITS})")
     flags = {k: _meta(metadata, k, path) for k in ("per_channel", "symmetric")}
     if not all(isinstance(v, bool) for v in flags.values()):
         raise _bad(path, "per_channel and symmetric must be true or false")
@@ -340,7 +341,7 @@ def load_quantized(path: PathLike, model: nn.Module) -> nn.Module:
         qmodules.set_quantized_weight(layer, codes, scale, zp, bits, axis)
         for key in ("weight", "weight_scale", "weight_zero_point"):
             state_dict[_prefix(name) + key] = getattr(layer, key).detach()
-    attach_activations(work, inputs, outputs)
+    qmodules.attach_activations(work, inputs, outputs)
     expected = work.state_dict()
     for key, value in tensors.items():
         if key not in expected:

@@ -22,10 +22,12 @@ the float one, ``BitConfig.check_model`` still accepts it, and its
 from __future__ import annotations
 
 import math
-from typing import Iterator, Optional, Tuple
+from typing import Dict, Iterator, Tuple
 
 import torch
 import torch.nn as nn
+
+from ..core.limits import MAX_ACT_BITS, MIN_ACT_BITS
 
 __all__ = [
     "ActQuantizer",
@@ -34,6 +36,7 @@ __all__ = [
     "attach_input_quantizer",
     "attach_output_quantizer",
     "act_quantizers",
+    "attach_activations",
     "set_act_mode",
     "is_quantized_layer",
     "param_shape",
@@ -111,13 +114,13 @@ class ActQuantizer(nn.Module):
       straight-through so ``scale`` learns LSQ-style (the zero point stays fixed).
 
     Args:
-        bits: activation bit-width (2..16).
+        bits: activation bit-width (``MIN_ACT_BITS..MAX_ACT_BITS``).
     """
 
     def __init__(self, bits: int) -> None:
         super().__init__()
-        if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 16:
-            raise ValueError(f"activation bits must be an int in 2..16, got {bits!r}")
+        if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_ACT_BITS <= bits <= MAX_ACT_BITS:
+            raise ValueError(f"activation bits must be an int in {MIN_ACT_BITS}..{MAX_ACT_BITS}, got {bits!r}")
         self.bits = int(bits)
         self.qmax = float(2**bits - 1)
         self.scale = nn.Parameter(torch.ones(()), requires_grad=False)
@@ -201,6 +204,14 @@ def attach_output_quantizer(module: nn.Module, bits: int, name: str = "module") 
     return _attach(module, OUTPUT_QUANTIZER, bits, name, lambda: module.register_forward_hook(_output_quant_hook))
 
 
+def attach_activations(model: nn.Module, inputs: Dict[str, int], outputs: Dict[str, int]) -> None:
+    """Attach input quantizers (layer fqn -> bits) and output quantizers (module fqn -> bits)."""
+    for name, bits in inputs.items():
+        attach_input_quantizer(model.get_submodule(name), bits, name)
+    for name, bits in outputs.items():
+        attach_output_quantizer(model.get_submodule(name), bits, name)
+
+
 def act_quantizers(module: nn.Module) -> Iterator[Tuple[str, ActQuantizer]]:
     """All :class:`ActQuantizer` children of ``module`` (recursively), with their names."""
     for name, m in module.named_modules():
@@ -212,9 +223,3 @@ def set_act_mode(module: nn.Module, mode: str) -> None:
     """Set the mode of every activation quantizer under ``module``."""
     for _, q in act_quantizers(module):
         q.set_mode(mode)
-
-
-def layer_input_quantizer(layer: nn.Module) -> Optional[ActQuantizer]:
-    """The layer's input quantizer, or None."""
-    q = layer._modules.get(INPUT_QUANTIZER)
-    return q if isinstance(q, ActQuantizer) else None

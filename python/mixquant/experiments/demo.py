@@ -95,8 +95,8 @@ def run_demo(out: str = DEFAULT_OUT, *, overwrite: bool = False, quick: bool = F
     import mixquant
     from mixquant import zoo
 
-    from .experiments.plots import allocation_plot, comparison_plot, heatmap_plot, require_matplotlib
-    from .experiments.runner import machine_info, quantize_fn
+    from .plots import allocation_plot, comparison_plot, heatmap_plot, require_matplotlib
+    from .runner import machine_info
 
     settings = DemoSettings.quick() if quick else DemoSettings()
     if avg_bits is not None:
@@ -106,7 +106,6 @@ def run_demo(out: str = DEFAULT_OUT, *, overwrite: bool = False, quick: bool = F
     log = log or (lambda msg: print(msg, flush=True))
     _check_out(out, overwrite)
     require_matplotlib()  # fail before the work, not after
-    quantize = quantize_fn()
     t_start = time.perf_counter()
     timings: Dict[str, float] = {}
 
@@ -166,7 +165,7 @@ def run_demo(out: str = DEFAULT_OUT, *, overwrite: bool = False, quick: bool = F
         if method == "brecq":
             kwargs.update({k: v for k, v in settings.brecq.items() if v is not None})
             kwargs["calib_data"] = calib
-        qmodel = quantize(model, cfg, method, **kwargs)
+        qmodel = mixquant.quantize(model, cfg, method, **kwargs)
         secs = time.perf_counter() - t1
         log(f"      {method:10s} {label:11s} avg {cfg.avg_bits:.3f} bits ... {secs:.1f} s")
         qmodels.append((method, label, cfg, qmodel, secs))

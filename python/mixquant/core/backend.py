@@ -1,7 +1,7 @@
 """Backend selection, thread policy and tensor hand-over to the native core.
 
 Two backends compute every kernel: ``"native"`` (the C++ extension
-``mixquant._core``) and ``"reference"`` (pure PyTorch, :mod:`mixquant.reference`).
+``mixquant._core``) and ``"reference"`` (pure PyTorch, :mod:`mixquant.core.reference`).
 The global default is ``"native"``; the environment variable
 ``MIXQUANT_BACKEND`` or :func:`set_backend` changes it, and every public
 kernel takes a ``backend=`` argument that overrides it for one call.
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 try:  # the compiled core; absent only in a broken or source-only install
-    from . import _core
+    from .. import _core
 except ImportError as exc:  # pragma: no cover - exercised only without a build
     _core = None
     _CORE_IMPORT_ERROR: Optional[ImportError] = exc

@@ -11,12 +11,10 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch.nn as nn
 
-from ._io import write_text_atomic
-from .layers import channel_axis, is_quantizable
-
-FORMAT = "mixquant.bitconfig"
-VERSION = 1
-METRICS = ("sse", "mse", "norm", "max_abs")
+from ..core.spec import QuantizerSpec
+from ..io.files import write_text_atomic
+from ..nn.layers import channel_axis, is_quantizable
+from .bitconfig_file import FORMAT, METRICS, VERSION, parse_bitconfig
 # Bytes stored per quantization group besides the packed codes: a float32 scale
 # and an int32 zero point.
 PARAM_BYTES_PER_GROUP = 8
@@ -60,6 +58,11 @@ class BitConfig:
     errors: Dict[str, Dict[str, List[float]]] = field(default_factory=dict)
 
     # -- derived figures -------------------------------------------------
+    @property
+    def spec(self) -> QuantizerSpec:
+        """The weight quantizer the errors were measured with, which every method applies."""
+        return QuantizerSpec(self.per_channel, self.symmetric, self.clip, self.p)
+
     @property
     def layer_names(self) -> List[str]:
         return list(self.bits)
@@ -153,8 +156,6 @@ class BitConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "BitConfig":
         """Build a config from :meth:`to_dict` output, validating every field."""
-        from ._validate import parse_bitconfig
-
         return parse_bitconfig(cls, data)
 
     def save(self, path: PathLike, *, overwrite: bool = False) -> None:

@@ -2,7 +2,7 @@
 
 The result is *simulated* quantization: an ordinary ``nn.Module`` whose
 quantized layers hold dequantized weights (exactly on their grids) and, with
-``act_bits``, fake-quantize activations; see :mod:`mixquant.qmodules` for what
+``act_bits``, fake-quantize activations; see :mod:`mixquant.nn.qmodules` for what
 is attached to each layer. What was done is recorded on the result:
 
 * ``qmodel.mixquant_state`` (:class:`QuantState`): per-layer bits, quantizer
@@ -22,12 +22,13 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch.nn as nn
 
-from . import qmodules
-from .bitconfig import BitConfig, layer_bytes
-from .layers import channel_axis
-from .methods import METHODS, AsymmetricOptions, BrecqOptions
-from .methods.calib import check_forward, collect_calib
-from .methods.common import QuantJob, build_options, execution_order
+from ..allocation.bitconfig import BitConfig, layer_bytes
+from ..core.limits import MAX_ACT_BITS, MAX_BITS, MIN_ACT_BITS, MIN_BITS
+from ..methods import METHODS, AsymmetricOptions, BrecqOptions
+from ..methods.common import QuantJob, build_options, execution_order
+from ..nn import qmodules
+from ..nn.calib import check_forward, collect_calib
+from ..nn.layers import channel_axis
 
 __all__ = ["quantize", "quant_info", "QuantInfo", "QuantState", "FIRST_LAST_BITS"]
 
@@ -194,7 +195,7 @@ def quantize(
             or "brecq" (:class:`BrecqOptions`).
         calib_data: a DataLoader, a tensor ``[N, ...]``, or an iterable of batches
             (tensors or ``(inputs, labels)`` tuples). Required by "brecq" and by ``act_bits``.
-        act_bits: activation bits (2..16), or None to quantize weights only.
+        act_bits: activation bits (``MIN_ACT_BITS..MAX_ACT_BITS``, 2..16), or None to quantize weights only.
         per_channel, symmetric: weight quantizer; None takes the config's.
         seed: seed of all random draws (BRECQ's batch sampling). Results are
             deterministic for a seed on one machine.
@@ -227,9 +228,10 @@ def quantize(
     options_cls, run = METHODS[method]
     opts = build_options(options_cls, options, method_options)
     if act_bits is not None and (isinstance(act_bits, bool) or not isinstance(act_bits, int)):
-        raise TypeError(f"act_bits must be an int in 2..16 or None, got {type(act_bits).__name__}")
-    if act_bits is not None and not 2 <= act_bits <= 16:
-        raise ValueError(f"act_bits must be in 2..16, got {act_bits}")
+        raise TypeError(f"act_bits must be an int in {MIN_ACT_BITS}..{MAX_ACT_BITS} or None, "
+                        f"got {type(act_bits).__name__}")
+    if act_bits is not None and not MIN_ACT_BITS <= act_bits <= MAX_ACT_BITS:
+        raise ValueError(f"act_bits must be in {MIN_ACT_BITS}..{MAX_ACT_BITS}, got {act_bits}")
     per_channel = config.per_channel if per_channel is None else _check_bool(per_channel, "per_channel")
     symmetric = config.symmetric if symmetric is None else _check_bool(symmetric, "symmetric")
     if isinstance(seed, bool) or not isinstance(seed, int):
@@ -240,8 +242,9 @@ def quantize(
         raise ValueError("the model is already quantized; quantize a float model")
     config.check_model(model)
     for name, bits in config.bits.items():
-        if not 1 <= bits <= 16:
-            raise ValueError(f"layer {name!r}: quantize supports 1..16 weight bits, the config has {bits}")
+        if not MIN_BITS <= bits <= MAX_BITS:
+            raise ValueError(f"layer {name!r}: quantize supports {MIN_BITS}..{MAX_BITS} weight bits, "
+                             f"the config has {bits}")
 
     needs_data = method == "brecq" or act_bits is not None
     if calib_data is None and needs_data:
@@ -258,8 +261,8 @@ def quantize(
         for name in {order[0], order[-1]}:
             bits[name] = max(bits[name], FIRST_LAST_BITS)
     applied = _applied_config(config, model, bits, per_channel, symmetric)
-    job = QuantJob(bits=bits, per_channel=per_channel, symmetric=symmetric, clip=config.clip, act_bits=act_bits,
-                   order=order, calib_x=x, calib_y=y, seed=seed, progress=progress)
+    job = QuantJob(bits=bits, spec=applied.spec, act_bits=act_bits, order=order, calib_x=x, calib_y=y, seed=seed,
+                   progress=progress)
 
     qmodel = copy.deepcopy(model)
     qmodel.eval()
