@@ -93,7 +93,7 @@ def dequantize_tensor(
         raise ValueError(f"codes must lie in [0, {2**MAX_BITS - 1}]")
     if be == "native":
         # The core checks zero points against 2**bits - 1 too: 8 bits only if both fit.
-        bits = 8 if m.max() < 256 and zero_point.max() < 256 else 16
+        bits = 8 if m.max() < 256 and zero_point.max() < 256 else MAX_BITS
         raw = m.to(torch.uint8).numpy() if bits == 8 else m.to(torch.int32).numpy().astype(np.uint16)
         out = torch.from_numpy(
             native().dequantize(np.ascontiguousarray(raw), scale.numpy(), zero_point.numpy(), bits,
