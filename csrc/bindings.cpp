@@ -6,6 +6,7 @@
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -175,13 +176,26 @@ py::list supported_simd_levels() {
   return out;
 }
 
-void set_simd_level(const std::string& name) {
+mixquant::SimdLevel parse_supported_level(const std::string& name) {
   mixquant::SimdLevel level;
   if (!mixquant::parse_simd_level(name.c_str(), &level))
     fail("unknown SIMD level '" + name + "' (expected 'scalar', 'avx2' or 'avx512')");
-  if (!mixquant::set_simd_level(level))
+  if (!mixquant::simd_level_supported(level))
     fail("SIMD level '" + name + "' is not supported by this CPU or build");
+  return level;
 }
+
+void set_simd_level(const std::string& name) { mixquant::set_simd_level(parse_supported_level(name)); }
+
+void set_thread_simd_level(const std::optional<std::string>& name) {
+  if (!name) {
+    mixquant::clear_thread_simd_level();
+    return;
+  }
+  mixquant::set_thread_simd_level(parse_supported_level(*name));
+}
+
+py::str default_simd_level() { return mixquant::simd_level_name(mixquant::default_simd_level()); }
 
 py::tuple channel_minmax(py::object w_obj, int64_t num_threads) {
   int64_t C, K;
@@ -487,11 +501,17 @@ PYBIND11_MODULE(_core, m) {
   m.doc() = "mixquant native core: fused quantization-error kernels with SIMD dispatch";
   mixquant::init_simd_from_env();
 
-  m.def("simd_level", &simd_level, "Name of the SIMD level in use: 'scalar', 'avx2' or 'avx512'.");
+  m.def("simd_level", &simd_level,
+        "Name of the SIMD level in use on the calling thread: 'scalar', 'avx2' or 'avx512'.");
   m.def("supported_simd_levels", &supported_simd_levels,
         "SIMD levels this CPU and build can run, in the order scalar, avx2, avx512.");
   m.def("set_simd_level", &set_simd_level, "name"_a,
-        "Switch the SIMD level; ValueError if unknown or unsupported.");
+        "Set the process default SIMD level; ValueError if unknown or unsupported.");
+  m.def("default_simd_level", &default_simd_level,
+        "The process default SIMD level (what threads without an override use).");
+  m.def("set_thread_simd_level", &set_thread_simd_level, "name"_a,
+        "Override the SIMD level on the calling thread (None: back to the default); ValueError if "
+        "unknown or unsupported.");
   m.def("has_openmp", &mixquant::openmp_enabled, "Whether the core was built with OpenMP.");
   m.def("limits", &limits_dict,
         "The limits the binding checks (bit-widths, activation bit-widths, clipping grid, scratch memory).");

@@ -10,10 +10,14 @@
 namespace mixquant {
 namespace {
 
-// Level in use; changed only by init_simd_from_env() and set_simd_level().
-// Each kernel call reads the table once, so a concurrent switch never mixes
-// levels inside one call.
+// Process default level; changed only by init_simd_from_env() and set_simd_level().
+// Each kernel call reads the table once, on the calling thread, so a
+// concurrent switch never mixes levels inside one call.
 std::atomic<int> g_level{static_cast<int>(SimdLevel::Scalar)};
+// Override of the calling thread (-1: none), set by set_thread_simd_level():
+// the Python layer's context-local level (mixquant.use_simd_level) is applied
+// to the calling thread right before each native call.
+thread_local int t_level = -1;
 
 const KernelTable* compiled_table(SimdLevel level) {
   switch (level) {
@@ -94,7 +98,19 @@ SimdLevel best_simd_level() {
   return SimdLevel::Scalar;
 }
 
-SimdLevel current_simd_level() { return static_cast<SimdLevel>(g_level.load()); }
+SimdLevel current_simd_level() {
+  return static_cast<SimdLevel>(t_level >= 0 ? t_level : g_level.load());
+}
+
+SimdLevel default_simd_level() { return static_cast<SimdLevel>(g_level.load()); }
+
+bool set_thread_simd_level(SimdLevel level) {
+  if (!simd_level_supported(level)) return false;
+  t_level = static_cast<int>(level);
+  return true;
+}
+
+void clear_thread_simd_level() { t_level = -1; }
 
 bool set_simd_level(SimdLevel level) {
   if (!simd_level_supported(level)) return false;

@@ -74,8 +74,11 @@ const char* simd_level_name(SimdLevel level);
 bool parse_simd_level(const char* name, SimdLevel* out);
 bool simd_level_supported(SimdLevel level);   // compiled in and runnable on this CPU
 SimdLevel best_simd_level();
-SimdLevel current_simd_level();
-bool set_simd_level(SimdLevel level);         // false if unsupported
+SimdLevel current_simd_level();              // the calling thread's override, else the default
+SimdLevel default_simd_level();              // the process default
+bool set_simd_level(SimdLevel level);         // the process default; false if unsupported
+bool set_thread_simd_level(SimdLevel level);  // the calling thread's override; false if unsupported
+void clear_thread_simd_level();
 void init_simd_from_env();                    // reads MIXQUANT_SIMD once at import
 const KernelTable* current_table();
 

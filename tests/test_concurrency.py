@@ -83,8 +83,9 @@ def test_concurrent_calls_equal_serial_calls(level):
         def worker(t: int):
             start.wait()
             out = []
-            for kind, ti, nt in plan[t * 20:(t + 1) * 20]:
-                out.append(((kind, ti), _job(kind, tensors[ti], nt)))
+            with mixquant.use_simd_level(level):  # context-local: each thread enters it
+                for kind, ti, nt in plan[t * 20:(t + 1) * 20]:
+                    out.append(((kind, ti), _job(kind, tensors[ti], nt)))
             return out
 
         with ThreadPoolExecutor(max_workers=4) as pool:
@@ -175,3 +176,76 @@ def test_concurrent_simd_switch_never_mixes_levels():
         t.join()
         mixquant.set_simd_level(original)
     assert all(_same(g, expected) for g in got)
+
+
+def test_overlapping_simd_blocks_in_two_threads_stay_apart():
+    # Thread A enters "scalar", thread B enters another level, A leaves first, then B: each
+    # thread sees only its own level, and the process default is untouched afterwards (the
+    # overrides used to be process-global and left the process stuck on "scalar").
+    if len(LEVELS) < 2:
+        pytest.skip("needs two SIMD levels")
+    default = mixquant.simd_level()
+    other = LEVELS[-1] if LEVELS[-1] != "scalar" else LEVELS[-2]
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+    w = torch.randn(16, 300, generator=torch.Generator().manual_seed(1))
+    # Error sums differ between levels in their last bits (summation order): they tell which ran.
+    with mixquant.use_simd_level("scalar"):
+        expected_a = _job("error_table", w, 1)
+    with mixquant.use_simd_level(other):
+        expected_b = _job("error_table", w, 1)
+    assert not _same(expected_a, expected_b)
+
+    def a():
+        with mixquant.use_simd_level("scalar"):
+            a_in.set()
+            b_in.wait(5)
+            seen["a"] = (mixquant.simd_level(), mixquant._core.simd_level(), _job("error_table", w, 1))
+        a_out.set()
+        seen["a_after"] = mixquant.simd_level()
+
+    def b():
+        a_in.wait(5)
+        with mixquant.use_simd_level(other):
+            b_in.set()
+            a_out.wait(5)
+            seen["b"] = (mixquant.simd_level(), mixquant._core.simd_level(), _job("error_table", w, 1))
+        seen["b_after"] = mixquant.simd_level()
+
+    threads = [threading.Thread(target=a), threading.Thread(target=b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen["a"][:2] == ("scalar", "scalar") and seen["b"][:2] == (other, other)
+    assert _same(seen["a"][2], expected_a) and _same(seen["b"][2], expected_b)
+    assert seen["a_after"] == seen["b_after"] == default == mixquant.simd_level()
+    assert mixquant._core.default_simd_level() == default
+
+
+def test_backend_override_is_local_to_its_thread():
+    seen = {}
+    inside, done = threading.Event(), threading.Event()
+
+    def holder():
+        with mixquant.use_backend("reference"):
+            seen["holder"] = mixquant.get_backend()
+            inside.set()
+            done.wait(5)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    inside.wait(5)
+    seen["other"] = mixquant.get_backend()
+    done.set()
+    t.join()
+    assert seen == {"holder": "reference", "other": "native"}
+    assert mixquant.get_backend() == "native"
+
+
+def test_use_simd_level_refuses_unknown_levels_before_the_block():
+    for bad, exc in (("sse9", ValueError), ("", ValueError), (3, TypeError)):
+        with pytest.raises(exc):
+            with mixquant.use_simd_level(bad):
+                raise AssertionError("the block must not run")
+    assert mixquant._core.simd_level() == mixquant._core.default_simd_level()

@@ -6,7 +6,7 @@ to C-contiguous float32 (zero copy when they already are); invalid shapes,
 dtypes or ranges raise ``ValueError`` naming the argument.
 """
 
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -19,13 +19,19 @@ _Codes = Union[npt.NDArray[np.uint8], npt.NDArray[np.uint16]]
 _Bits = Union[Sequence[int], npt.NDArray[np.integer]]
 
 def simd_level() -> str:
-    """Name of the SIMD level in use: ``"scalar"``, ``"avx2"`` or ``"avx512"``."""
+    """Name of the SIMD level in use on the calling thread: ``"scalar"``, ``"avx2"`` or ``"avx512"``."""
 
 def supported_simd_levels() -> list[str]:
     """SIMD levels this CPU and build can run, in the order scalar, avx2, avx512."""
 
 def set_simd_level(name: str) -> None:
-    """Switch the SIMD level for all later calls; ``ValueError`` if unknown or unsupported."""
+    """Set the process default SIMD level; ``ValueError`` if unknown or unsupported."""
+
+def default_simd_level() -> str:
+    """The process default SIMD level (what a thread without an override uses)."""
+
+def set_thread_simd_level(name: Optional[str]) -> None:
+    """Override the level on the calling thread (``None``: back to the default); ``ValueError`` if unsupported."""
 
 def has_openmp() -> bool:
     """Whether the core was built with OpenMP (otherwise ``num_threads`` is ignored)."""

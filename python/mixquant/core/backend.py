@@ -1,16 +1,25 @@
-"""Backend selection, thread policy and tensor hand-over to the native core.
+"""Backend, SIMD level and thread selection for the native core.
 
 Two backends compute every kernel: ``"native"`` (the C++ extension
 ``mixquant._core``) and ``"reference"`` (pure PyTorch, :mod:`mixquant.core.reference`).
-The global default is ``"native"``; the environment variable
+The process default is ``"native"``; the environment variable
 ``MIXQUANT_BACKEND`` or :func:`set_backend` changes it, and every public
 kernel takes a ``backend=`` argument that overrides it for one call.
+
+:func:`use_backend` and :func:`use_simd_level` override the default for a
+``with`` block in the current context only (``contextvars``: the thread, or
+the asyncio task, that entered the block); other threads keep the default.
+The context's SIMD level is applied to the calling thread right before each
+native call (:func:`native`), so two threads with overlapping blocks never see
+each other's level.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
+import threading
 from typing import Iterator, Optional
 
 import numpy as np
@@ -33,28 +42,33 @@ def _initial_backend() -> str:
 
 
 _default_backend = _initial_backend()
+# Context-local overrides (None: the process default).
+_backend_override: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("mixquant_backend", default=None)
+_simd_override: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("mixquant_simd_level", default=None)
+# The SIMD override last applied to each thread's native state.
+_applied = threading.local()
 
 
 def set_backend(name: str) -> None:
-    """Set the global default backend: ``"native"`` (C++) or ``"reference"`` (PyTorch)."""
+    """Set the process default backend: ``"native"`` (C++) or ``"reference"`` (PyTorch)."""
     global _default_backend
     _default_backend = _check_backend_name(name)
 
 
 def get_backend() -> str:
-    """The global default backend."""
-    return _default_backend
+    """The backend in use here: the context's override (:func:`use_backend`), else the process default."""
+    override = _backend_override.get()
+    return _default_backend if override is None else override
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Context manager that switches the global default backend for a block."""
-    previous = get_backend()
-    set_backend(name)
+    """Use backend ``name`` inside the block, in this context only (other threads keep theirs)."""
+    token = _backend_override.set(_check_backend_name(name))
     try:
         yield
     finally:
-        set_backend(previous)
+        _backend_override.reset(token)
 
 
 def _check_backend_name(name: object) -> str:
@@ -64,8 +78,8 @@ def _check_backend_name(name: object) -> str:
 
 
 def resolve_backend(backend: Optional[str]) -> str:
-    """The backend a call uses: the explicit one, else the global default."""
-    name = _default_backend if backend is None else _check_backend_name(backend)
+    """The backend a call uses: the explicit one, else :func:`get_backend`."""
+    name = get_backend() if backend is None else _check_backend_name(backend)
     if name == "native" and _core is None:
         raise ImportError(
             "the native backend is unavailable (mixquant._core failed to import: "
@@ -75,8 +89,16 @@ def resolve_backend(backend: Optional[str]) -> str:
 
 
 def native() -> "object":
-    """The compiled module (raises ImportError when it is missing)."""
+    """The compiled module, with this context's SIMD level applied to the calling thread.
+
+    Raises ImportError when the module is missing. Call it right before each
+    native call (``native().fn(...)``): the level is set per thread.
+    """
     resolve_backend("native")
+    want = _simd_override.get()
+    if getattr(_applied, "level", None) != want:
+        _core.set_thread_simd_level(want)
+        _applied.level = want
     return _core
 
 
@@ -106,7 +128,7 @@ def resolve_threads(num_threads: Optional[int]) -> int:
 
 
 def simd_level() -> str:
-    """The SIMD level the native kernels use: ``"scalar"``, ``"avx2"`` or ``"avx512"``."""
+    """The SIMD level native calls made here use: ``"scalar"``, ``"avx2"`` or ``"avx512"``."""
     return native().simd_level()
 
 
@@ -116,16 +138,25 @@ def supported_simd_levels() -> list:
 
 
 def set_simd_level(level: str) -> None:
-    """Force a SIMD level (``MIXQUANT_SIMD`` sets it at import); ValueError if unsupported."""
+    """Set the process default SIMD level (``MIXQUANT_SIMD`` sets it at import); ValueError if unsupported.
+
+    A :func:`use_simd_level` block in force here still wins over it.
+    """
     native().set_simd_level(level)
 
 
 @contextlib.contextmanager
 def use_simd_level(level: str) -> Iterator[None]:
-    """Context manager that forces a SIMD level for a block."""
-    previous = simd_level()
-    set_simd_level(level)
+    """Use SIMD level ``level`` inside the block, in this context only (other threads keep theirs).
+
+    ValueError (before the block) if the level is unknown or unsupported.
+    """
+    name = level.strip().lower() if isinstance(level, str) else level
+    if name not in supported_simd_levels():
+        _applied.level = "?"  # the probe below may touch this thread's state: re-apply on the next call
+        native().set_thread_simd_level(level)  # raises the binding's ValueError (TypeError for a non-str)
+    token = _simd_override.set(name)
     try:
         yield
     finally:
-        set_simd_level(previous)
+        _simd_override.reset(token)
