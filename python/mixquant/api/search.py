@@ -1,22 +1,33 @@
 """``mixquant.search`` and ``mixquant.uniform``: per-layer weight bit-widths for a model.
 
 The search measures every quantizable layer's roundoff error at each
-candidate bit-width (:mod:`mixquant.allocation.tables`) and picks the bits with
-the QEM or the budget rule (:mod:`mixquant.allocation.rules`); the result is a
-:class:`~mixquant.BitConfig`.
+candidate bit-width (:mod:`mixquant.allocation.tables`), optionally weighs it
+by what the network feels on calibration data (:mod:`mixquant.allocation.sensitivity`),
+and picks the bits with the QEM or the budget rule (:mod:`mixquant.allocation.rules`);
+the result is a :class:`~mixquant.BitConfig`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterable, Mapping, Optional
+from typing import Any, Dict, Iterable, Mapping, Optional
 
 import numpy as np
 import torch.nn as nn
 
+import time
+
 from ..allocation.bitconfig import BitConfig
 from ..allocation.rules import DEFAULT_OBJECTIVE, OBJECTIVES, QEM_REFERENCES, budget_bits, qem_bits
+from ..allocation.sensitivity import (
+    DATA_SENSITIVITIES,
+    DEFAULT_DATA_SENSITIVITY,
+    SENSITIVITIES,
+    OutputLoss,
+    measure_sensitivity,
+)
 from ..allocation.tables import error_tables, table_dict
+from ..nn.batches import collect_batches, provenance
 from ..core.limits import DEFAULT_CANDIDATES, DEFAULT_P
 from ..core.spec import QuantizerSpec
 from ..core.tensors import check_bit_list, check_bits
@@ -54,7 +65,11 @@ def _groups(module: nn.Module, per_channel: bool) -> int:
     return int(module.weight.shape[channel_axis(module)]) if per_channel else 1
 
 
-def _config(layers, chosen, tables, spec: QuantizerSpec, candidates, rule) -> BitConfig:
+def _config(layers, chosen, tables, spec: QuantizerSpec, candidates, rule, sensitivity: str = "weight",
+            costs: Optional[Mapping[str, Any]] = None, calibration: Optional[dict] = None) -> BitConfig:
+    errors = {name: table_dict(t) for name, t in tables.items()}
+    for name, values in (costs or {}).items():
+        errors[name]["sensitivity"] = [float(v) for v in values]
     return BitConfig(
         bits={name: int(chosen[name]) for name in layers},
         shapes={name: tuple(int(s) for s in m.weight.shape) for name, m in layers.items()},
@@ -65,7 +80,9 @@ def _config(layers, chosen, tables, spec: QuantizerSpec, candidates, rule) -> Bi
         p=spec.p,
         candidates=list(candidates),
         rule=rule,
-        errors={name: table_dict(t) for name, t in tables.items()},
+        errors=errors,
+        sensitivity=sensitivity,
+        calibration=calibration,
     )
 
 
@@ -84,13 +101,18 @@ def search(
     qem_reference: str = "layer",
     avg_bits: Optional[float] = None,
     max_bytes: Optional[int] = None,
-    objective: str = DEFAULT_OBJECTIVE,
+    objective: Optional[str] = None,
     per_channel: bool = True,
     symmetric: bool = False,
     clip: str = "minmax",
     p: float = DEFAULT_P,
     keep: Optional[Mapping[str, int]] = None,
     filter_fn: Optional[FilterFn] = None,
+    sensitivity: Optional[str] = None,
+    calib_data: Any = None,
+    calib_samples: Optional[int] = None,
+    output_loss: OutputLoss = "kl",
+    seed: int = 0,
     backend: Optional[str] = None,
     num_threads: Optional[int] = None,
     progress: bool = False,
@@ -102,14 +124,44 @@ def search(
     :attr:`BitConfig.size_bytes`). ``bits`` are the candidates; ``keep`` pins
     layers (e.g. ``{"conv1": 8, "fc": 8}``) and they count toward the budget;
     ``filter_fn(module, fqn)`` leaves layers out entirely. ``objective`` is the
-    per-layer error the budget rule sums: ``"norm"`` (error / weight energy,
-    1/SQNR), ``"mse"`` (per-layer mean squared error) or ``"sse"`` (sum of squared
-    error; lets large layers dominate). The result is deterministic.
-    """
+    per-layer error the budget rule sums for the data-free table: ``"norm"``
+    (error / weight energy, 1/SQNR; the default), ``"mse"`` (per-layer mean
+    squared error) or ``"sse"`` (sum of squared error; lets large layers dominate).
+
+    ``sensitivity`` chooses what each layer's cost at each bit-width is:
+    ``"weight"`` (the data-free roundoff-error table: the paper's method, the
+    default without ``calib_data``), or a data-aware one measured on
+    ``calib_data`` (see :mod:`mixquant.allocation.sensitivity`): ``"input"``,
+    ``"output"``, ``"fisher"`` or ``"model"``. With ``calib_data`` and no
+    ``sensitivity``, the data-aware default is used (``"{default}"``, chosen from
+    the study in docs/RESULTS.md). Data-aware costs are comparable across
+    layers and summed as they are (``objective`` applies to ``"weight"`` only).
+    ``calib_data`` is a tensor, a dict of keyword inputs, a DataLoader or an
+    iterable of batches (tensors, ``(inputs, labels)``, tuples of positional
+    inputs or dicts; :mod:`mixquant.nn.batches`); ``calib_samples`` bounds the
+    samples used (the cost grows with them); ``output_loss`` compares the
+    model's outputs (``"kl"`` for logits of classifiers and language models,
+    ``"cosine"`` or ``"mse"`` for embeddings and other outputs, or a callable
+    ``(quantized, float) -> number``); ``seed`` seeds the random readout of
+    non-logit outputs. The config records the sensitivity and the calibration
+    data's provenance (sample count, a hash). The result is deterministic.
+    """.replace("{default}", DEFAULT_DATA_SENSITIVITY)
     candidates = check_bit_list(bits)
     given = [k for k, v in (("qem", qem), ("avg_bits", avg_bits), ("max_bytes", max_bytes)) if v is not None]
     if len(given) != 1:
         raise ValueError(f"give exactly one of qem, avg_bits, max_bytes (got {given or 'none'})")
+    if sensitivity is None:
+        sensitivity = "weight" if calib_data is None else DEFAULT_DATA_SENSITIVITY
+    if sensitivity not in SENSITIVITIES:
+        raise ValueError(f"sensitivity must be one of {SENSITIVITIES}, got {sensitivity!r}")
+    data_aware = sensitivity in DATA_SENSITIVITIES
+    if data_aware and calib_data is None:
+        raise ValueError(f"sensitivity={sensitivity!r} needs calib_data (a tensor, a dict of inputs, a DataLoader "
+                         "or an iterable of batches)")
+    if data_aware and objective is not None:
+        raise ValueError(f"objective applies to sensitivity='weight' only; {sensitivity!r} costs are comparable "
+                         "across layers and summed as they are")
+    objective = DEFAULT_OBJECTIVE if objective is None else objective
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     if qem_reference not in QEM_REFERENCES:
@@ -126,17 +178,34 @@ def search(
     extra = {ref_bits} if qem is not None else set()
     table_bits = {name: sorted(set(candidates) | extra | ({keep[name]} if name in keep else set())) for name in layers}
     tables = error_tables(layers, table_bits, spec, backend=backend, num_threads=num_threads, progress=progress)
+    calibration = sens_costs = None
+    if data_aware:
+        t0 = time.perf_counter()
+        batches = collect_batches(calib_data, calib_samples)
+        result = measure_sensitivity(sensitivity, model, layers, tables, batches, output_loss=output_loss, seed=seed,
+                                     backend=backend, num_threads=num_threads, progress=progress)
+        sens_costs = result.costs
+        calibration = {**provenance(batches), "seconds": round(time.perf_counter() - t0, 3)}
+        costs = {n: dict(zip((int(b) for b in tables[n].bits), map(float, sens_costs[n]))) for n in layers}
+        qem_costs = costs
+    else:
+        costs = {n: dict(zip((int(b) for b in t.bits), map(float, getattr(t, objective)))) for n, t in tables.items()}
+        qem_metric = "norm" if qem_reference == "model" else "sse"
+        qem_costs = {n: dict(zip((int(b) for b in t.bits), map(float, getattr(t, qem_metric))))
+                     for n, t in tables.items()}
     if qem is not None:
-        chosen = qem_bits(tables, free, candidates, float(qem), ref_bits, qem_reference)
+        chosen = qem_bits(qem_costs, free, candidates, float(qem), ref_bits, qem_reference)
         rule = {"name": "qem", "qem": float(qem), "ref_bits": ref_bits, "qem_reference": qem_reference}
     else:
         num_params = {name: m.weight.numel() for name, m in layers.items()}
         groups = {name: _groups(m, spec.per_channel) for name, m in layers.items()}
-        chosen = budget_bits(tables, num_params, groups, free, keep, candidates, objective, avg_bits, max_bytes)
-        rule = {"name": "budget", "objective": objective,
+        chosen = budget_bits(costs, num_params, groups, free, keep, candidates, avg_bits, max_bytes)
+        rule = {"name": "budget",
+                **({"objective": objective} if not data_aware else {}),
                 **({"avg_bits": float(avg_bits)} if avg_bits is not None else {"max_bytes": int(max_bytes)})}
     chosen.update(keep)
-    return _config(layers, chosen, tables, spec, candidates, _keep_note(rule, keep))
+    return _config(layers, chosen, tables, spec, candidates, _keep_note(rule, keep), sensitivity, sens_costs,
+                   calibration)
 
 
 def uniform(
