@@ -10,7 +10,8 @@ the result is a :class:`~mixquant.BitConfig`.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Iterable, Mapping, Optional
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Mapping, Optional
 
 import numpy as np
 import torch.nn as nn
@@ -33,7 +34,7 @@ from ..core.spec import QuantizerSpec
 from ..core.tensors import check_bit_list, check_bits
 from ..nn.layers import FilterFn, channel_axis, find_layers
 
-__all__ = ["search", "uniform"]
+__all__ = ["search", "uniform", "measure", "choose", "Measurement"]
 
 
 def _check_keep(keep: Optional[Mapping[str, int]], layers: Mapping[str, nn.Module]) -> Dict[str, int]:
@@ -147,6 +148,19 @@ def search(
     data's provenance (sample count, a hash). The result is deterministic.
     """.replace("{default}", DEFAULT_DATA_SENSITIVITY)
     candidates = check_bit_list(bits)
+    sensitivity, _ = _check_rule(qem, ref_bits, qem_reference, avg_bits, max_bytes, objective, sensitivity,
+                                 calib_data)
+    measured = measure(model, candidates, per_channel=per_channel, symmetric=symmetric, clip=clip, p=p, keep=keep,
+                       filter_fn=filter_fn, sensitivity=sensitivity, calib_data=calib_data,
+                       calib_samples=calib_samples, output_loss=output_loss, seed=seed,
+                       extra_bits=[ref_bits] if qem is not None else [], backend=backend, num_threads=num_threads,
+                       progress=progress)
+    return choose(measured, qem=qem, ref_bits=ref_bits, qem_reference=qem_reference, avg_bits=avg_bits,
+                  max_bytes=max_bytes, objective=objective)
+
+
+def _check_rule(qem, ref_bits, qem_reference, avg_bits, max_bytes, objective, sensitivity, calib_data):
+    """Validate the rule's arguments (before any measuring); return the resolved sensitivity and objective."""
     given = [k for k, v in (("qem", qem), ("avg_bits", avg_bits), ("max_bytes", max_bytes)) if v is not None]
     if len(given) != 1:
         raise ValueError(f"give exactly one of qem, avg_bits, max_bytes (got {given or 'none'})")
@@ -170,42 +184,117 @@ def search(
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float, np.number))
                                   or not math.isfinite(value) or value <= 0):
             raise ValueError(f"{label} must be a positive finite number, got {value!r}")
-    ref_bits = check_bits(ref_bits, "ref_bits")
+    check_bits(ref_bits, "ref_bits")
+    return sensitivity, objective
+
+
+@dataclass
+class Measurement:
+    """What :func:`measure` found: every layer's tables, measured once, for :func:`choose` to apply rules to.
+
+    Measuring is the expensive part of a search (a data-aware sensitivity runs
+    the model); one measurement serves any number of budgets.
+    """
+
+    layers: Dict[str, nn.Module]
+    spec: QuantizerSpec
+    candidates: List[int]
+    keep: Dict[str, int]
+    tables: Dict[str, Any]
+    sensitivity: str = "weight"
+    costs: Optional[Dict[str, np.ndarray]] = None
+    calibration: Optional[Dict[str, Any]] = None
+    seconds: Dict[str, float] = field(default_factory=dict)
+
+    def cost_table(self, metric: str) -> Dict[str, Dict[int, float]]:
+        """layer -> bits -> cost: the data-aware cost, or a weight metric (``"norm"``, ``"sse"``, ...)."""
+        if self.costs is not None:
+            return {n: dict(zip((int(b) for b in self.tables[n].bits), map(float, self.costs[n]))) for n in self.layers}
+        return {n: dict(zip((int(b) for b in t.bits), map(float, getattr(t, metric)))) for n, t in self.tables.items()}
+
+
+def measure(
+    model: nn.Module,
+    bits: Iterable[int] = DEFAULT_CANDIDATES,
+    *,
+    per_channel: bool = True,
+    symmetric: bool = False,
+    clip: str = "minmax",
+    p: float = DEFAULT_P,
+    keep: Optional[Mapping[str, int]] = None,
+    filter_fn: Optional[FilterFn] = None,
+    sensitivity: str = "weight",
+    calib_data: Any = None,
+    calib_samples: Optional[int] = None,
+    output_loss: OutputLoss = "kl",
+    seed: int = 0,
+    extra_bits: Iterable[int] = (),
+    backend: Optional[str] = None,
+    num_threads: Optional[int] = None,
+    progress: bool = False,
+) -> Measurement:
+    """The first half of :func:`search`: the weight tables and, for a data-aware sensitivity, the costs.
+
+    Arguments as in :func:`search`; ``extra_bits`` are measured besides the
+    candidates (the QEM rule's ``ref_bits``).
+    """
+    candidates = check_bit_list(bits)
+    if sensitivity not in SENSITIVITIES:
+        raise ValueError(f"sensitivity must be one of {SENSITIVITIES}, got {sensitivity!r}")
     spec = QuantizerSpec(per_channel, symmetric, clip, p)
     layers = _model_layers(model, filter_fn)
     keep = _check_keep(keep, layers)
-    free = [name for name in layers if name not in keep]
-    extra = {ref_bits} if qem is not None else set()
+    extra = {check_bits(b, "extra_bits") for b in extra_bits}
     table_bits = {name: sorted(set(candidates) | extra | ({keep[name]} if name in keep else set())) for name in layers}
+    t0 = time.perf_counter()
     tables = error_tables(layers, table_bits, spec, backend=backend, num_threads=num_threads, progress=progress)
-    calibration = sens_costs = None
-    if data_aware:
+    out = Measurement(dict(layers), spec, candidates, keep, tables, sensitivity,
+                      seconds={"weight_tables": time.perf_counter() - t0})
+    if sensitivity in DATA_SENSITIVITIES:
+        if calib_data is None:
+            raise ValueError(f"sensitivity={sensitivity!r} needs calib_data")
         t0 = time.perf_counter()
         batches = collect_batches(calib_data, calib_samples)
         result = measure_sensitivity(sensitivity, model, layers, tables, batches, output_loss=output_loss, seed=seed,
                                      backend=backend, num_threads=num_threads, progress=progress)
-        sens_costs = result.costs
-        calibration = {**provenance(batches), "seconds": round(time.perf_counter() - t0, 3)}
-        costs = {n: dict(zip((int(b) for b in tables[n].bits), map(float, sens_costs[n]))) for n in layers}
-        qem_costs = costs
-    else:
-        costs = {n: dict(zip((int(b) for b in t.bits), map(float, getattr(t, objective)))) for n, t in tables.items()}
-        qem_metric = "norm" if qem_reference == "model" else "sse"
-        qem_costs = {n: dict(zip((int(b) for b in t.bits), map(float, getattr(t, qem_metric))))
-                     for n, t in tables.items()}
+        out.costs = result.costs
+        out.seconds.update(result.seconds)
+        out.seconds["sensitivity"] = time.perf_counter() - t0
+        out.calibration = {**provenance(batches), "seconds": round(out.seconds["sensitivity"], 3)}
+    return out
+
+
+def choose(
+    measured: Measurement,
+    *,
+    qem: Optional[float] = None,
+    ref_bits: int = 8,
+    qem_reference: str = "layer",
+    avg_bits: Optional[float] = None,
+    max_bytes: Optional[int] = None,
+    objective: Optional[str] = None,
+) -> BitConfig:
+    """The second half of :func:`search`: apply the QEM or the budget rule to a :class:`Measurement`."""
+    data_aware = measured.costs is not None
+    _, objective = _check_rule(qem, ref_bits, qem_reference, avg_bits, max_bytes, objective, measured.sensitivity,
+                               True if data_aware else None)
+    layers, keep, candidates = measured.layers, measured.keep, measured.candidates
+    free = [name for name in layers if name not in keep]
     if qem is not None:
-        chosen = qem_bits(qem_costs, free, candidates, float(qem), ref_bits, qem_reference)
+        costs = measured.cost_table("norm" if qem_reference == "model" else "sse")
+        chosen = qem_bits(costs, free, candidates, float(qem), ref_bits, qem_reference)
         rule = {"name": "qem", "qem": float(qem), "ref_bits": ref_bits, "qem_reference": qem_reference}
     else:
         num_params = {name: m.weight.numel() for name, m in layers.items()}
-        groups = {name: _groups(m, spec.per_channel) for name, m in layers.items()}
-        chosen = budget_bits(costs, num_params, groups, free, keep, candidates, avg_bits, max_bytes)
+        groups = {name: _groups(m, measured.spec.per_channel) for name, m in layers.items()}
+        chosen = budget_bits(measured.cost_table(objective), num_params, groups, free, keep, candidates, avg_bits,
+                             max_bytes)
         rule = {"name": "budget",
                 **({"objective": objective} if not data_aware else {}),
                 **({"avg_bits": float(avg_bits)} if avg_bits is not None else {"max_bytes": int(max_bytes)})}
     chosen.update(keep)
-    return _config(layers, chosen, tables, spec, candidates, _keep_note(rule, keep), sensitivity, sens_costs,
-                   calibration)
+    return _config(layers, chosen, measured.tables, measured.spec, candidates, _keep_note(rule, keep),
+                   measured.sensitivity, measured.costs, measured.calibration)
 
 
 def uniform(
