@@ -159,12 +159,15 @@ def weighted_errors(
         if tuple(weights.shape) != tuple(tensor.shape):
             raise ValueError(f"weights of {name} have shape {tuple(weights.shape)}, the tensor {tuple(tensor.shape)}")
         v = as_matrix(weights, ch_axis, f"weights of {name}")
-    if not torch.isfinite(v).all() or (v < 0).any():
-        raise ValueError(f"weights of {name} must be finite and >= 0")
     scale = torch.from_numpy(np.ascontiguousarray(table.scale))
     zp = torch.from_numpy(np.ascontiguousarray(table.zero_point))
     bits = [int(b) for b in table.bits]
-    if be == "native":
-        return native().weighted_error_table(m.numpy(), v.numpy(), scale.numpy(), zp.numpy().astype(np.int64),
-                                             np.asarray(bits, np.int32), nt)
+    if be == "native":  # the binding checks the weights (finite, >= 0) in its own pass
+        try:
+            return native().weighted_error_table(m.numpy(), v.numpy(), scale.numpy(),
+                                                 zp.numpy().astype(np.int64), np.asarray(bits, np.int32), nt)
+        except ValueError as exc:
+            raise ValueError(f"weights of {name}: {exc}") from None
+    if not torch.isfinite(v).all() or (v < 0).any():
+        raise ValueError(f"weights of {name} must be finite and >= 0")
     return reference.weighted_error_table(m, v, scale, zp, bits).numpy()

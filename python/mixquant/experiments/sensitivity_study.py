@@ -219,8 +219,7 @@ def run_sensitivity_study(
         for sel in [s for s in selectors if s != "uniform"]:
             t0 = time.perf_counter()
             meas[sel] = measure(sm.model, sm.candidates, keep=sm.keep, filter_fn=sm.filter_fn, sensitivity=sel,
-                                calib_data=None if sel == "weight" else sm.calib, output_loss=sm.output_loss,
-                                progress=not quick)
+                                calib_data=None if sel == "weight" else sm.calib, output_loss=sm.output_loss)
             secs = time.perf_counter() - t0
             results["measurements"].setdefault(name, {})[sel] = {
                 "seconds": round(secs, 2), "stages": {k: round(v, 2) for k, v in meas[sel].seconds.items()},
