@@ -91,7 +91,7 @@ def _mpnet(quick: bool, log: Callable[[str], None]) -> StudyModel:
     encoder, tok = zoo.mpnet_encoder()
     n_calib = 8 if quick else 32
     sentences = text.calibration_sentences(n_calib)
-    calib = [text.tokenize(tok, sentences[i:i + 8]) for i in range(0, n_calib, 8)]
+    calib = text.tokenize(tok, sentences, max_length=128)  # one padded batch: one pass per candidate
     eval_texts = [t for t, _ in text.pang_lee_polarity()] + text.lee_documents("test")
     if quick:
         eval_texts = eval_texts[:24]
