@@ -28,7 +28,14 @@ from .core.backend import (
     use_simd_level,
 )
 from .core.error import RoundoffError, roundoff_error
-from .core.kernels import dequantize_tensor, fake_quantize_tensor, pack_bits, quantize_tensor, unpack_bits
+from .core.kernels import (
+    dequantize_tensor,
+    fake_quantize_tensor,
+    pack_bits,
+    quantize_tensor,
+    unpack_bits,
+    unpack_dequantize,
+)
 from .core.ranges import ClipSearchResult, choose_qparams, clip_search
 from .io.export import ExportInfo, export, load_quantized
 from .methods.asymmetric import AsymmetricOptions
@@ -72,6 +79,7 @@ __all__ = [
     "supported_simd_levels",
     "uniform",
     "unpack_bits",
+    "unpack_dequantize",
     "use_backend",
     "use_simd_level",
 ]
