@@ -239,12 +239,24 @@ def unpack_dequantize(
     if out is not None and (not isinstance(out, torch.Tensor) or out.dtype != torch.float32 or out.device.type != "cpu"
                             or not out.is_contiguous() or out.numel() != n):
         raise ValueError(f"out must be a contiguous float32 CPU tensor of {n} elements")
-    be = resolve_backend(backend)
-    if be == "native" and buf.device.type == "cpu":
-        dst = torch.empty(n, dtype=torch.float32) if out is None else out
-        native().unpack_dequantize(buf.contiguous().numpy(), bits, *layout, s.numpy(), z.numpy(),
-                                   resolve_threads(num_threads), dst.numpy())
-    else:
-        values = reference.unpack_dequantize(buf, bits, *layout, s, z)
-        dst = values if out is None else out.copy_(values.reshape(out.shape))
+    dst = decode_packed(buf, bits, layout, s, z, out=out, backend=backend, num_threads=num_threads)
     return dst.view(tuple(int(d) for d in shape))
+
+
+def decode_packed(
+    packed: Tensor, bits: int, layout: PackedLayout, scale: Tensor, zero_point: Tensor, *,
+    out: Optional[Tensor] = None, backend: Optional[str] = None, num_threads: Optional[int] = None,
+) -> Tensor:
+    """:func:`unpack_dequantize` without the Python-side checks, for arguments validated once (flat result).
+
+    The packed-weight runtime calls it on every forward. The native binding still
+    checks sizes, ranges and scales itself, so bad arguments raise ValueError
+    rather than touch memory they should not; the reference path trusts them.
+    """
+    if resolve_backend(backend) == "native" and packed.device.type == "cpu":
+        dst = torch.empty(layout.numel, dtype=torch.float32) if out is None else out
+        native().unpack_dequantize(packed.contiguous().numpy(), bits, *layout, scale.contiguous().numpy(),
+                                   zero_point.contiguous().numpy(), resolve_threads(num_threads), dst.numpy())
+        return dst
+    values = reference.unpack_dequantize(packed, bits, *layout, scale, zero_point)
+    return values if out is None else out.copy_(values.reshape(out.shape))
