@@ -38,6 +38,7 @@ from .core.kernels import (
 )
 from .core.ranges import ClipSearchResult, choose_qparams, clip_search
 from .io.export import ExportInfo, export, load_quantized
+from .io.onnx_export import OnnxExportInfo, export_onnx
 from .methods.asymmetric import AsymmetricOptions
 from .methods.blocks import register_block
 from .methods.brecq import BrecqOptions, BrecqReport
@@ -54,6 +55,8 @@ __all__ = [
     "ExportInfo",
     "QuantInfo",
     "export",
+    "export_onnx",
+    "OnnxExportInfo",
     "fold_bn",
     "load_quantized",
     "quant_info",

@@ -21,7 +21,7 @@ packed weights (an inference runtime).
 from __future__ import annotations
 
 import math
-from typing import Dict, Type
+from typing import Dict, Tuple, Type
 
 import torch
 import torch.nn as nn
@@ -62,15 +62,16 @@ class PackedWeightMixin:
         return f"{base}, packed={self.mixquant_bits} bits" if base else f"packed={self.mixquant_bits} bits"
 
 
-_CLASSES: Dict[type, type] = {}
+_CLASSES: Dict[Tuple[type, type], type] = {}
 
 
-def packed_class(base: Type[nn.Module]) -> type:
-    """The packed subclass of ``base`` (made once per class)."""
-    cls = _CLASSES.get(base)
+def packed_class(base: Type[nn.Module], mixin: type = PackedWeightMixin) -> type:
+    """The subclass of ``base`` with ``mixin`` in front (made once per pair); ``mixin`` supplies ``weight``."""
+    cls = _CLASSES.get((mixin, base))
     if cls is None:
-        cls = type(f"Packed{base.__name__}", (PackedWeightMixin, base), {"_mixquant_base": base, "__module__": __name__})
-        _CLASSES[base] = cls
+        prefix = "Packed" if mixin is PackedWeightMixin else mixin.__name__.replace("Mixin", "")
+        cls = type(f"{prefix}{base.__name__}", (mixin, base), {"_mixquant_base": base, "__module__": mixin.__module__})
+        _CLASSES[(mixin, base)] = cls
     return cls
 
 
