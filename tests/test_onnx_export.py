@@ -190,3 +190,26 @@ def test_errors(tmp_path):
         q.fc2.weight.add_(1e-3)
     with pytest.raises(RuntimeError, match="grid"):
         mixquant.export_onnx(q, tmp_path / "m.onnx", x)
+
+
+def test_cli_format_onnx(tmp_path, capsys):
+    from mixquant.cli import main
+
+    cfg = tmp_path / "bits.json"
+    assert main(["search", "conftest:make_small_net", "--avg-bits", "4", "--out", str(cfg)]) == 0
+    out = tmp_path / "q.onnx"
+    assert main(["quantize", "conftest:make_small_net", "--config", str(cfg), "--format", "onnx",
+                 "--input-shape", "2,3,16,16", "--out", str(out)]) == 0
+    assert "container" in capsys.readouterr().out
+    x = torch.randn(5, 3, 16, 16)
+    model = make_small_net()
+    q = mixquant.quantize(model, mixquant.BitConfig.load(cfg), progress=False)
+    with torch.no_grad():
+        ref = q(x).numpy()
+    assert np.abs(_run(out, x) - ref).max() <= 1e-4 * np.abs(ref).max()
+    # No example input: a clear error, not a traceback; an existing file is kept.
+    assert main(["quantize", "conftest:make_small_net", "--config", str(cfg), "--format", "onnx",
+                 "--out", str(tmp_path / "r.onnx")]) == 2
+    assert "--input-shape" in capsys.readouterr().err
+    assert main(["quantize", "conftest:make_small_net", "--config", str(cfg), "--format", "onnx",
+                 "--input-shape", "2,3,x", "--out", str(tmp_path / "r.onnx")]) == 2
