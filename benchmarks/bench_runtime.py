@@ -96,6 +96,11 @@ def _smollm2():
         folder = os.path.dirname(spec.origin)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
                                                      dtype=torch.float32)
+        # The weights are plain float32 once read; forget the GGUF origin so that they can be saved.
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
         model.save_pretrained(SMOL_DIR)
     return AutoModelForCausalLM.from_pretrained(SMOL_DIR, dtype=torch.float32).eval()
 

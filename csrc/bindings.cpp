@@ -464,11 +464,8 @@ py::array_t<uint8_t> pack_bits(py::object codes_obj, int64_t bits) {
   fail("codes must be a uint8 or uint16 array, got dtype " + std::string(py::str(dt)));
 }
 
-py::array unpack_bits(py::object packed_obj, int64_t bits, int64_t n) {
-  const int b = check_bits(bits);
-  if (n < 0) fail("n must be >= 0, got " + std::to_string(n));
-  // n * bits must not overflow the 64-bit bit count of packed_bytes().
-  if (n > (int64_t{1} << 58)) fail("n is too large, got " + std::to_string(n));
+// A 1-D uint8 bit stream holding at least n codes of b bits.
+U8 packed_arg(py::object packed_obj, int64_t n, int b) {
   if (!py::isinstance<py::array>(packed_obj) ||
       !py::reinterpret_borrow<py::array>(packed_obj).dtype().equal(py::dtype::of<uint8_t>()))
     fail("packed must be a uint8 numpy array");
@@ -479,6 +476,15 @@ py::array unpack_bits(py::object packed_obj, int64_t bits, int64_t n) {
   if (packed.size() < need)
     fail("packed is too short: " + std::to_string(n) + " codes of " + std::to_string(b) +
          " bits need " + std::to_string(need) + " bytes, got " + std::to_string(packed.size()));
+  return packed;
+}
+
+py::array unpack_bits(py::object packed_obj, int64_t bits, int64_t n) {
+  const int b = check_bits(bits);
+  if (n < 0) fail("n must be >= 0, got " + std::to_string(n));
+  // n * bits must not overflow the 64-bit bit count of packed_bytes().
+  if (n > (int64_t{1} << 58)) fail("n is too large, got " + std::to_string(n));
+  U8 packed = packed_arg(packed_obj, n, b);
   if (b <= 8) {
     py::array_t<uint8_t> out(n);
     {
@@ -514,16 +520,8 @@ void unpack_dequantize(py::object packed_obj, int64_t bits, int64_t outer, int64
   if (inner == 0) block = 1;
   // An empty row still has its one parameter set.
   const int64_t groups = channels * (inner == 0 ? 1 : (inner + block - 1) / block);
-  if (!py::isinstance<py::array>(packed_obj) ||
-      !py::reinterpret_borrow<py::array>(packed_obj).dtype().equal(py::dtype::of<uint8_t>()))
-    fail("packed must be a uint8 numpy array");
-  auto packed = U8::ensure(packed_obj);
-  if (!packed) fail("packed must be a uint8 numpy array");
-  check_ndim(packed, 1, "packed");
+  U8 packed = packed_arg(packed_obj, n, b);
   const int64_t need = mixquant::packed_bytes(n, b);
-  if (packed.size() < need)
-    fail("packed is too short: " + std::to_string(n) + " codes of " + std::to_string(b) +
-         " bits need " + std::to_string(need) + " bytes, got " + std::to_string(packed.size()));
   F32 scale = as_f32(scale_obj, "scale");
   I64 z = as_i64(zp_obj, "zero_point");
   check_ndim(scale, 1, "scale");
