@@ -39,6 +39,7 @@ from ..core.kernels import pack_bits, quantize_tensor, unpack_bits
 from ..core.limits import MAX_ACT_BITS, MAX_BITS, MIN_ACT_BITS, MIN_BITS
 from ..nn import qmodules
 from ..nn.fold import apply_fold_structure
+from ..nn.packed import PACKED_KEY, pack_layer
 from .files import write_bytes_atomic
 
 __all__ = ["export", "load_quantized", "ExportInfo", "FORMAT", "VERSION"]
@@ -125,7 +126,7 @@ def export(qmodel: nn.Module, path: PathLike, *, overwrite: bool = False) -> Exp
         qparam_bytes += 8 * layer.weight_scale.numel()
         layers_meta[name] = {"bits": bits, "shape": list(layer.weight.shape), "ch_axis": layer.mixquant_ch_axis,
                              "dtype": str(layer.weight.dtype).replace("torch.", "")}
-    skip = set(quantized_keys(state))
+    skip = set(quantized_keys(state)) | {_prefix(name) + PACKED_KEY for name in state.config.bits}
     float_bytes = 0
     for key, value in qmodel.state_dict().items():
         if key in skip:
@@ -276,11 +277,14 @@ def _layer_tensors(tensors, name: str, spec, config: BitConfig, path: str):
         raise _bad(path, f"layer {name!r}: scales must be finite and positive")
     if (zp < 0).any() or (zp > 2**bits - 1).any():
         raise _bad(path, f"layer {name!r}: zero points must lie in [0, {2**bits - 1}]")
-    codes = torch.from_numpy(unpack_bits(packed.numpy(), bits, n).astype("int32")).reshape(shape)
-    return codes, scale, zp, bits, axis
+    return packed, scale, zp, bits, axis
 
 
-def load_quantized(path: PathLike, model: nn.Module) -> nn.Module:
+def _unpacked(packed: torch.Tensor, bits: int, shape) -> torch.Tensor:
+    return torch.from_numpy(unpack_bits(packed.numpy(), bits, math.prod(shape)).astype("int32")).reshape(shape)
+
+
+def load_quantized(path: PathLike, model: nn.Module, *, packed: bool = False) -> nn.Module:
     """Rebuild a quantized model from :func:`export`'s file into ``model``, a fresh float instance of the architecture.
 
     ``model`` is modified in place (batch norms folded structurally, weights
@@ -289,9 +293,18 @@ def load_quantized(path: PathLike, model: nn.Module) -> nn.Module:
     same device. Every field of the file is validated first: a damaged,
     tampered or foreign file, or one that does not fit ``model``, raises
     ValueError and leaves ``model`` untouched (the work is done on a copy).
+
+    With ``packed=True`` the quantized layers keep their codes packed at
+    their bit-width (``weight_packed``, plus scales and zero points) and decode
+    their weight in every forward with the native unpack-and-dequantize kernel
+    (:mod:`mixquant.nn.packed`): the model holds about ``BitConfig.size_bytes``
+    for those layers instead of 4 bytes a weight, and its outputs are
+    bit-identical to the unpacked model's.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(packed, bool):
+        raise TypeError(f"packed must be a bool, got {type(packed).__name__}")
     if hasattr(model, "mixquant_state"):
         raise ValueError("model is already quantized; pass a fresh float instance")
     path = os.fspath(path)
@@ -338,9 +351,17 @@ def load_quantized(path: PathLike, model: nn.Module) -> nn.Module:
     for name in config.bits:
         codes, scale, zp, bits, axis = _layer_tensors(tensors, name, layers_meta[name], config, path)
         layer = work.get_submodule(name)
-        qmodules.set_quantized_weight(layer, codes, scale, zp, bits, axis)
-        for key in ("weight", "weight_scale", "weight_zero_point"):
-            state_dict[_prefix(name) + key] = getattr(layer, key).detach()
+        if packed:
+            try:
+                pack_layer(layer, codes, scale, zp, bits, axis, name)
+            except ValueError as exc:
+                raise ValueError(f"{path!r} cannot be loaded packed into this model: {exc}") from None
+            keys = (PACKED_KEY, "weight_scale", "weight_zero_point")
+        else:
+            qmodules.set_quantized_weight(layer, _unpacked(codes, bits, config.shapes[name]), scale, zp, bits, axis)
+            keys = ("weight", "weight_scale", "weight_zero_point")
+        for key in keys:
+            state_dict[_prefix(name) + key] = layer._buffers.get(key, layer._parameters.get(key)).detach()
     qmodules.attach_activations(work, inputs, outputs)
     expected = work.state_dict()
     for key, value in tensors.items():
