@@ -68,23 +68,27 @@ def test_model_reference_is_the_median_not_the_mean():
 def _exact_row():
     """One channel whose errors are exact: scale 1, zero point 0 (range [0, 255] at 8 bits).
 
-    32768 values 0.5 (round half to even -> 0, error 2**-2) in whole blocks, then 32766 values
-    2**-20 (error 2**-40 each) and the two range ends (error 0). In double the sum is exact:
-    8192 + 32766 * 2**-40. A running total kept in float loses every 2**-40 term after the
-    first blocks (a float next to 8192 has an ulp of 2**-10).
+    One chunk of the core's work (32768 elements): 4096 values 0.5 (round half to even -> 0,
+    error 2**-2) filling the first cache blocks of every SIMD width, then 28670 values 2**-20
+    (error 2**-40 each) and the two range ends (error 0). In double the sum is exact,
+    1024 + 28670 * 2**-40; a running total kept in float loses every later block
+    (a float next to 1024 has an ulp of 2**-13, a block of 2**-40 terms sums to at most 2**-28).
     """
-    row = torch.cat([torch.full((32768,), 0.5), torch.full((32766,), 2.0**-20), torch.tensor([255.0, 0.0])])
-    return row, 32768 * 0.25 + 32766 * 2.0**-40
+    row = torch.cat([torch.full((4096,), 0.5), torch.full((28670,), 2.0**-20), torch.tensor([255.0, 0.0])])
+    return row, 4096 * 0.25 + 28670 * 2.0**-40
 
 
-@pytest.mark.parametrize("per_channel, threads", [(True, 1), (False, 1), (False, 2)])
-def test_error_sum_is_exact_across_blocks(simd, per_channel, threads):
+@pytest.mark.parametrize("per_channel", [True, False])
+@pytest.mark.parametrize("copies", [1, 3])
+def test_error_sum_is_exact_across_blocks(simd, per_channel, copies):
     row, expected = _exact_row()
-    w = row.reshape(1, -1)
+    w = row.repeat(copies, 1)  # several channels (per channel), or several chunks of one group (per tensor)
     for backend in ("native", "reference"):
-        err = mixquant.roundoff_error(w, bits=[8], per_channel=per_channel, backend=backend, num_threads=threads)
+        err = mixquant.roundoff_error(w, bits=[8], per_channel=per_channel, backend=backend, num_threads=2)
         assert float(err.scale.reshape(-1)[0]) == 1.0 and int(err.zero_point.reshape(-1)[0]) == 0
-        assert float(err.sse[0]) == expected, (backend, simd, float(err.sse[0]) - expected)
+        assert float(err.sse[0]) == copies * expected, (backend, simd, float(err.sse[0]) - copies * expected)
+        if per_channel:
+            assert err.channel_sse.reshape(-1).tolist() == [expected] * copies
 
 
 # ------------------------------------------------------------ BN folding ----
