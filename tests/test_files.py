@@ -203,3 +203,70 @@ def test_read_regular_never_blocks_on_a_fifo(tmp_path):
         (tmp_path / "big").write_bytes(b"x" * 11)
         read_regular(tmp_path / "big", 10, "thing")
     assert read_regular(tmp_path / "big", 11) == b"x" * 11
+
+
+def test_demo_and_experiment_outputs_are_checked_first(tmp_path, capsys, monkeypatch):
+    # Used to: the demo checked only for an existing report; `--out` under a file failed after the work.
+    from mixquant import zoo
+
+    monkeypatch.setattr(zoo, "mobilenet_v2", _fail_if_called)
+    (tmp_path / "file").write_text("x")
+    fifo_dir = tmp_path / "rep"
+    fifo_dir.mkdir()
+    os.mkfifo(fifo_dir / "report.md")
+    for argv in (["demo", "--quick", "--out", str(tmp_path / "file" / "r")],
+                 ["demo", "--quick", "--out", str(tmp_path / "missing" / "r")],
+                 ["demo", "--quick", "--out", str(fifo_dir), "--overwrite"],
+                 ["experiment", "--quick", "--no-plots", "--out", str(tmp_path / "file")],
+                 ["experiment", "--quick", "--no-plots", "--out", str(tmp_path / "missing" / "r")]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, (argv, err)
+    assert stat.S_ISFIFO(os.lstat(fifo_dir / "report.md").st_mode)
+
+
+@pytest.mark.parametrize("entry", ["text.jpg", "folder.png", "truncated.png"])
+def test_calib_folder_with_a_bad_entry_is_one_line(tmp_path, capsys, entry):
+    # Used to: a PIL UnidentifiedImageError / IsADirectoryError traceback.
+    pil = pytest.importorskip("PIL.Image")
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    pil.new("RGB", (40, 30), (200, 10, 10)).save(folder / "ok.png")
+    if entry == "text.jpg":
+        (folder / entry).write_text("not an image")
+    elif entry == "folder.png":
+        (folder / entry).mkdir()
+    else:
+        (folder / entry).write_bytes((folder / "ok.png").read_bytes()[:60])
+    (folder / "notes.txt").write_text("ignored: not an image extension")
+    mixquant.uniform(make_small_net(), 8).save(tmp_path / "u.json")
+    rc = main(["quantize", "conftest:make_small_net", "--config", str(tmp_path / "u.json"), "--act-bits", "8",
+               "--calib", str(folder), "--image-size", "16", "--out", str(tmp_path / "q.safetensors")])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert str(folder / entry) in err and not (tmp_path / "q.safetensors").exists()
+    (folder / entry).rmdir() if entry == "folder.png" else (folder / entry).unlink()
+    assert main(["quantize", "conftest:make_small_net", "--config", str(tmp_path / "u.json"), "--act-bits", "8",
+                 "--calib", str(folder), "--image-size", "16", "--out", str(tmp_path / "q.safetensors")]) == 0
+
+
+def test_cli_evaluate_of_a_fifo_is_one_line(tmp_path, capsys):
+    # Used to: `mixquant evaluate MODEL FIFO` waited forever for a writer.
+    import signal
+
+    os.mkfifo(tmp_path / "q.safetensors")
+    torch.save(torch.randn(2, 3, 16, 16), tmp_path / "x.pt")
+
+    def hung(signum, frame):
+        raise AssertionError("evaluate blocked on a FIFO")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(30)
+    try:
+        rc = main(["evaluate", "conftest:make_small_net", str(tmp_path / "q.safetensors"), "--data",
+                   str(tmp_path / "x.pt")])
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    err = capsys.readouterr().err
+    assert rc == 2 and "not a regular file" in err and len(err.strip().splitlines()) == 1
