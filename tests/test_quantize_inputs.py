@@ -222,3 +222,14 @@ def test_meta_models_are_refused(method):
     with pytest.raises(ValueError, match="meta device"):
         mixquant.quantize(model, config, method, calib_data=torch.randn(8, 3, 16, 16), progress=False,
                           **(BRECQ_QUICK if method == "brecq" else {}))
+
+
+def test_parametrized_model_that_is_its_own_layer_inplace(tmp_path):
+    # The model itself is the parametrized layer: inplace must also roll back its parametrized class.
+    model = weight_norm(nn.Linear(8, 4))
+    x = torch.randn(3, 8)
+    q = mixquant.quantize(model, mixquant.uniform(model, 4), inplace=True, progress=False)
+    assert q is model and type(model) is nn.Linear and _on_grid(model)
+    mixquant.export(model, tmp_path / "q.safetensors")
+    restored = mixquant.load_quantized(tmp_path / "q.safetensors", weight_norm(nn.Linear(8, 4)))
+    assert type(restored) is nn.Linear and torch.equal(restored(x), model(x))

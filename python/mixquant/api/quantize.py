@@ -344,5 +344,6 @@ def quantize(
     if inplace:
         model.__dict__.clear()
         model.__dict__.update(qmodel.__dict__)
+        model.__class__ = qmodel.__class__  # a parametrized model's class is rolled back too
         return model
     return qmodel

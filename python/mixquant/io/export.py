@@ -428,4 +428,5 @@ def load_quantized(path: PathLike, model: nn.Module) -> nn.Module:
     # Success: the caller's model object takes over the loaded contents.
     model.__dict__.clear()
     model.__dict__.update(work.__dict__)
+    model.__class__ = work.__class__  # a parametrized model's class is rolled back too
     return model
