@@ -40,6 +40,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import mixquant  # noqa: E402
+from mixquant.io.files import write_text_atomic  # noqa: E402
 from resnets import resnet18, resnet50  # noqa: E402
 
 BITS = list(range(2, 9))
@@ -176,8 +177,7 @@ def main() -> None:
         print(f"    -> rows of {k}: {c * k / t / 1e9:.2f} G elem/s, {t / c * 1e9:.0f} ns per row")
 
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(records, fh, indent=1)
+        write_text_atomic(args.json, json.dumps(records, indent=1), overwrite=True)
         print(f"wrote {args.json}")
 
 

@@ -17,7 +17,7 @@ import torch.nn as nn
 from ..allocation.bitconfig import BitConfig
 from ..allocation.rules import DEFAULT_OBJECTIVE, OBJECTIVES, QEM_REFERENCES, budget_bits, qem_bits
 from ..allocation.tables import error_tables, table_dict
-from ..core.limits import DEFAULT_CANDIDATES, DEFAULT_P
+from ..core.limits import DEFAULT_CANDIDATES, DEFAULT_P, MAX_BITS
 from ..core.spec import QuantizerSpec
 from ..core.tensors import check_bit_list, check_bits
 from ..nn.layers import FilterFn, channel_axis, find_layers
@@ -118,6 +118,8 @@ def search(
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float, np.number))
                                   or not math.isfinite(value) or value <= 0):
             raise ValueError(f"{label} must be a positive finite number, got {value!r}")
+    if avg_bits is not None and avg_bits > MAX_BITS:  # a bit config could not record it (and it bounds nothing)
+        raise ValueError(f"avg_bits must be at most {MAX_BITS} (the widest bit-width), got {avg_bits!r}")
     ref_bits = check_bits(ref_bits, "ref_bits")
     spec = QuantizerSpec(per_channel, symmetric, clip, p)
     layers = _model_layers(model, filter_fn)

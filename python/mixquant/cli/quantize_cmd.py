@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 import torch
 
@@ -49,9 +48,9 @@ def run(args: argparse.Namespace) -> int:
     from ..allocation.bitconfig import BitConfig
     from ..api.quantize import quant_info, quantize
     from ..io.export import export
+    from ..io.files import check_destination
 
-    if os.path.exists(args.out) and not args.overwrite:
-        raise FileExistsError(f"{args.out!r} exists; pass --overwrite to replace it")
+    check_destination(args.out, args.overwrite)  # before the work, not after it
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError("--threads must be >= 1")

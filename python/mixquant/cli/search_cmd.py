@@ -74,7 +74,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..api.search import search
+    from ..io.files import check_destination
 
+    check_destination(args.out, args.overwrite)  # before the work, not after it
     model = load_model(args.model, trust_file=args.trust_file)
     config = search(
         model, args.bits, qem=args.qem, ref_bits=args.ref_bits, qem_reference=args.qem_reference,

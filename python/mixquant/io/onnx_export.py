@@ -58,7 +58,7 @@ from ..core.kernels import pack_bits
 from ..nn import qmodules
 from ..nn.packed import packed_class
 from .export import _layer_codes
-from .files import write_bytes_atomic
+from .files import check_destination, write_bytes_atomic
 
 __all__ = ["export_onnx", "OnnxExportInfo", "OnnxLayer", "DEFAULT_OPSET"]
 
@@ -338,9 +338,7 @@ def export_onnx(
         raise ValueError(f"opset must be an int >= {DEFAULT_OPSET} (4-bit types in DequantizeLinear), got {opset!r}")
     if not isinstance(dynamic_batch, bool):
         raise TypeError(f"dynamic_batch must be a bool, got {type(dynamic_batch).__name__}")
-    path = os.fspath(path)
-    if os.path.lexists(path) and not overwrite:
-        raise FileExistsError(f"{path!r} exists; pass overwrite=True to replace it")
+    path = check_destination(path, overwrite)  # before the (long) export
     args = _example_tuple(example_inputs)
     work, layers = _prepare(qmodel)
     work.eval()
