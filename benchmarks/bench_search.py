@@ -43,6 +43,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import mixquant  # noqa: E402
+from mixquant.io.files import write_text_atomic  # noqa: E402
 from resnets import resnet18, resnet50  # noqa: E402
 
 BITS = list(range(2, 9))
@@ -227,8 +228,7 @@ def main() -> None:
                   f"{n / t_ker / threads / 1e9:.2f} G elem/s/thread; weighted_errors {t_ref / t_nat:.1f}x vs reference")
 
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(records, fh, indent=1)
+        write_text_atomic(args.json, json.dumps(records, indent=1), overwrite=True)
         print(f"wrote {args.json}")
 
 

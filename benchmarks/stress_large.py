@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 import mixquant
+from mixquant.io.files import write_text_atomic
 from mixquant import _core
 from mixquant.core import reference
 
@@ -184,8 +185,7 @@ def main() -> int:
     records["peak_over_tensor"] = round(peak / tensor_gb, 3)
     print(f"peak RSS {peak:.2f} GB = {peak / tensor_gb:.2f} x the tensor ({tensor_gb:.2f} GB)")
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(records, fh, indent=1)
+        write_text_atomic(args.json, json.dumps(records, indent=1), overwrite=True)
     if failures:
         print(f"FAILED: {failures}", file=sys.stderr)
         return 1

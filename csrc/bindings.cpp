@@ -506,11 +506,8 @@ py::array_t<uint8_t> pack_bits(py::object codes_obj, int64_t bits) {
   fail("codes must be a uint8 or uint16 array, got dtype " + std::string(py::str(dt)));
 }
 
-py::array unpack_bits(py::object packed_obj, int64_t bits, int64_t n) {
-  const int b = check_bits(bits);
-  if (n < 0) fail("n must be >= 0, got " + std::to_string(n));
-  // n * bits must not overflow the 64-bit bit count of packed_bytes().
-  if (n > (int64_t{1} << 58)) fail("n is too large, got " + std::to_string(n));
+// A 1-D uint8 bit stream holding at least n codes of b bits.
+U8 packed_arg(py::object packed_obj, int64_t n, int b) {
   if (!py::isinstance<py::array>(packed_obj) ||
       !py::reinterpret_borrow<py::array>(packed_obj).dtype().equal(py::dtype::of<uint8_t>()))
     fail("packed must be a uint8 numpy array");
@@ -521,6 +518,15 @@ py::array unpack_bits(py::object packed_obj, int64_t bits, int64_t n) {
   if (packed.size() < need)
     fail("packed is too short: " + std::to_string(n) + " codes of " + std::to_string(b) +
          " bits need " + std::to_string(need) + " bytes, got " + std::to_string(packed.size()));
+  return packed;
+}
+
+py::array unpack_bits(py::object packed_obj, int64_t bits, int64_t n) {
+  const int b = check_bits(bits);
+  if (n < 0) fail("n must be >= 0, got " + std::to_string(n));
+  // n * bits must not overflow the 64-bit bit count of packed_bytes().
+  if (n > (int64_t{1} << 58)) fail("n is too large, got " + std::to_string(n));
+  U8 packed = packed_arg(packed_obj, n, b);
   if (b <= 8) {
     py::array_t<uint8_t> out(n);
     {
@@ -535,6 +541,51 @@ py::array unpack_bits(py::object packed_obj, int64_t bits, int64_t n) {
     mixquant::unpack_bits(packed.data(), n, b, out.mutable_data());
   }
   return std::move(out);
+}
+
+// Fills `out` (float32, C-contiguous, writable, A*C*R elements) in place, so
+// that callers can decode into memory they own (a torch tensor's storage).
+void unpack_dequantize(py::object packed_obj, int64_t bits, int64_t outer, int64_t channels,
+                       int64_t inner, int64_t block, py::handle scale_obj, py::handle zp_obj,
+                       int64_t num_threads, py::object out_obj) {
+  const int b = check_bits(bits);
+  const int nt = check_threads(num_threads);
+  if (outer < 0 || channels < 0 || inner < 0)
+    fail("outer, channels and inner must be >= 0, got " + std::to_string(outer) + ", " +
+         std::to_string(channels) + ", " + std::to_string(inner));
+  int64_t n = 0;
+  if (__builtin_mul_overflow(outer, channels, &n) || __builtin_mul_overflow(n, inner, &n) ||
+      n > (int64_t{1} << 58))
+    fail("outer * channels * inner is too large");
+  if (inner > 0 && (block < 1 || block > inner))
+    fail("block must be in 1..inner = " + std::to_string(inner) + ", got " + std::to_string(block));
+  if (inner == 0) block = 1;
+  // An empty row still has its one parameter set.
+  const int64_t groups = channels * (inner == 0 ? 1 : (inner + block - 1) / block);
+  U8 packed = packed_arg(packed_obj, n, b);
+  const int64_t need = mixquant::packed_bytes(n, b);
+  F32 scale = as_f32(scale_obj, "scale");
+  I64 z = as_i64(zp_obj, "zero_point");
+  check_ndim(scale, 1, "scale");
+  check_ndim(z, 1, "zero_point");
+  if (scale.size() != groups || z.size() != groups)
+    fail("scale and zero_point must have channels * max(1, ceil(inner / block)) = " + std::to_string(groups) +
+         " entries, got " + std::to_string(scale.size()) + " and " + std::to_string(z.size()));
+  check_scales(scale.data(), groups, "scale");
+  const std::vector<int32_t> zp = zero_points(z, std::vector<int>(1, b), groups > 0 ? groups : 1, "zero_point");
+  if (!py::isinstance<py::array>(out_obj)) fail("out must be a float32 numpy array");
+  py::array out = py::reinterpret_borrow<py::array>(out_obj);
+  if (!out.dtype().equal(py::dtype::of<float>())) fail("out must be float32, got " + std::string(py::str(out.dtype())));
+  if (!(out.flags() & py::array::c_style)) fail("out must be C-contiguous");
+  if (!out.writeable()) fail("out must be writable");
+  if (out.size() != n) fail("out must have " + std::to_string(n) + " elements, got " + std::to_string(out.size()));
+  float* dst = static_cast<float*>(out.mutable_data());
+  const auto* lo = reinterpret_cast<const char*>(dst);
+  const auto* src = reinterpret_cast<const char*>(packed.data());
+  if (n > 0 && lo < src + need && src < lo + n * static_cast<int64_t>(sizeof(float)))
+    fail("out must not overlap packed");
+  py::gil_scoped_release release;
+  mixquant::unpack_dequantize(packed.data(), b, outer, channels, inner, block, scale.data(), zp.data(), nt, dst);
 }
 
 }  // namespace
@@ -589,4 +640,8 @@ PYBIND11_MODULE(_core, m) {
         "Pack 1-D uint8/uint16 codes into an LSB-first bit stream (uint8[ceil(n*bits/8)]).");
   m.def("unpack_bits", &unpack_bits, "packed"_a, "bits"_a, "n"_a,
         "Unpack n codes from an LSB-first bit stream (uint8 if bits <= 8, else uint16).");
+  m.def("unpack_dequantize", &unpack_dequantize, "packed"_a, "bits"_a, "outer"_a, "channels"_a,
+        "inner"_a, "block"_a, "scale"_a, "zero_point"_a, "num_threads"_a, "out"_a,
+        "Decode outer*channels*inner packed codes into out (float32, in place): element (a, c, r) is "
+        "(code - zero_point[i]) * scale[i], i = c * ceil(inner / block) + r // block.");
 }

@@ -98,6 +98,32 @@ struct Vec {
   static V select_pos(V a, V r) {
     return _mm256_and_ps(r, _mm256_cmp_ps(a, _mm256_setzero_ps(), _CMP_GT_OQ));
   }
+  // One group of 8 codes (`bits` < 16, not 8) per step: lane j gathers the 3
+  // bytes holding bits [j*bits, j*bits + bits) (at most 7 + 15 = 22 bits, byte
+  // offsets <= 15) from the group's 16-byte window, shifts by (j*bits) % 8 and
+  // masks.  Each group's window must lie inside the stream (the caller's count).
+  static int64_t unpack_groups(const uint8_t* p, int64_t groups, int bits, uint16_t* out) {
+    if (bits >= 16 || bits == 8) return 0;
+    alignas(32) int8_t shuf[32];
+    alignas(32) int32_t shift[8];
+    for (int j = 0; j < 8; ++j) {
+      const int bit = j * bits;
+      shift[j] = bit & 7;
+      for (int t = 0; t < 4; ++t) shuf[4 * j + t] = static_cast<int8_t>(t < 3 ? (bit >> 3) + t : -128);
+    }
+    const __m256i s = _mm256_load_si256(reinterpret_cast<const __m256i*>(shuf));
+    const __m256i sh = _mm256_load_si256(reinterpret_cast<const __m256i*>(shift));
+    const __m256i mask = _mm256_set1_epi32((1 << bits) - 1);
+    for (int64_t g = 0; g < groups; ++g) {
+      // Both 128-bit halves hold the window: vpshufb indexes within a half.
+      const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + g * bits)));
+      const __m256i c = _mm256_and_si256(_mm256_srlv_epi32(_mm256_shuffle_epi8(v, s), sh), mask);
+      // packus interleaves per half: qwords (c0-3, c0-3, c4-7, c4-7) -> take 0 and 2.
+      const __m256i w = _mm256_permute4x64_epi64(_mm256_packus_epi32(c, c), 0x08);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 8 * g), _mm256_castsi256_si128(w));
+    }
+    return groups;
+  }
 };
 
 }  // namespace isa_avx2

@@ -96,6 +96,32 @@ struct Vec {
   static V select_pos(V a, V r) {
     return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(a, _mm512_setzero_ps(), _CMP_GT_OQ), r);
   }
+  // Two groups of 8 codes (`bits` < 16, not 8) per step, as in the AVX2 file:
+  // the low 256 bits hold the first group's 16-byte window twice, the high
+  // 256 bits the second's; lane j takes the 3 bytes holding its code, shifts
+  // by (j*bits) % 8 and masks.  An odd last group is left to the caller.
+  static int64_t unpack_groups(const uint8_t* p, int64_t groups, int bits, uint16_t* out) {
+    if (bits >= 16 || bits == 8) return 0;
+    alignas(64) int8_t shuf[64];
+    alignas(64) int32_t shift[16];
+    for (int j = 0; j < 16; ++j) {
+      const int bit = (j & 7) * bits;
+      shift[j] = bit & 7;
+      for (int t = 0; t < 4; ++t) shuf[4 * j + t] = static_cast<int8_t>(t < 3 ? (bit >> 3) + t : -128);
+    }
+    const __m512i s = _mm512_load_si512(shuf);
+    const __m512i sh = _mm512_load_si512(shift);
+    const __m512i mask = _mm512_set1_epi32((1 << bits) - 1);
+    int64_t g = 0;
+    for (; g + 1 < groups; g += 2) {
+      const __m256i a = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + g * bits)));
+      const __m256i b = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + (g + 1) * bits)));
+      const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1);
+      const __m512i c = _mm512_and_si512(_mm512_srlv_epi32(_mm512_shuffle_epi8(v, s), sh), mask);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 8 * g), _mm512_cvtepi32_epi16(c));
+    }
+    return g;
+  }
 };
 
 }  // namespace isa_avx512

@@ -495,6 +495,41 @@ void k_dequant_u16(const uint16_t* c, int64_t n, const QParam* qp, float* out) {
   dequant_impl(c, n, qp, out);
 }
 
+// ----------------------------------------------------------------- unpack ----
+// Codes come in groups of 8, one group = `bits` whole bytes.  Vec::unpack_groups
+// decodes the first groups with SIMD (each reads a 16-byte window, so only
+// groups whose window ends inside the stream are handed to it) and returns
+// how many it did; the rest, and the widths it does not handle, go through
+// a 64-bit bit accumulator that reads each byte once and never past the end.
+void k_unpack_u16(const uint8_t* p, int64_t n, int bits, uint16_t* out) {
+  if (bits == 8) {
+    for (int64_t i = 0; i < n; ++i) out[i] = p[i];
+    return;
+  }
+  if (bits == 16) {  // little-endian pairs, whatever the host's byte order
+    for (int64_t i = 0; i < n; ++i)
+      out[i] = static_cast<uint16_t>(p[2 * i] | (static_cast<uint16_t>(p[2 * i + 1]) << 8));
+    return;
+  }
+  const int64_t nbytes = (n * bits + 7) / 8;
+  int64_t safe = nbytes >= 16 ? (nbytes - 16) / bits + 1 : 0;
+  if (safe > n / 8) safe = n / 8;
+  const int64_t done = 8 * Vec::unpack_groups(p, safe, bits, out);
+  const uint8_t* q = p + done / 8 * bits;
+  const uint64_t mask = (uint64_t{1} << bits) - 1;
+  uint64_t acc = 0;
+  int have = 0;
+  for (int64_t i = done; i < n; ++i) {
+    while (have < bits) {
+      acc |= static_cast<uint64_t>(*q++) << have;
+      have += 8;
+    }
+    out[i] = static_cast<uint16_t>(acc & mask);
+    acc >>= bits;
+    have -= bits;
+  }
+}
+
 }  // namespace
 }  // namespace MIXQUANT_ISA_NS
 
@@ -513,6 +548,7 @@ const KernelTable MIXQUANT_ISA_TABLE = {
     &MIXQUANT_ISA_NS::k_quant_u16,
     &MIXQUANT_ISA_NS::k_dequant_u8,
     &MIXQUANT_ISA_NS::k_dequant_u16,
+    &MIXQUANT_ISA_NS::k_unpack_u16,
 };
 
 }  // namespace mixquant

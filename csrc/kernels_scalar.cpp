@@ -77,6 +77,8 @@ struct Vec {
     return f;
   }
   static V select_pos(V a, V r) { return a > 0.0f ? r : 0.0f; }
+  // No SIMD decoding: the caller's bit accumulator does every group.
+  static int64_t unpack_groups(const uint8_t*, int64_t, int, uint16_t*) { return 0; }
 };
 
 }  // namespace isa_scalar

@@ -756,6 +756,42 @@ void unpack_impl(const uint8_t* packed, int64_t n, int bits, T* out) {
 
 }  // namespace
 
+// Codes per work item of unpack_dequantize: a multiple of 8 (each item starts
+// on a byte), and its uint16 buffer (8 KiB) stays in L1 between the two steps.
+constexpr int64_t kUnpackChunk = 4096;
+// Codes per thread below which another thread costs more than it brings.
+constexpr int64_t kUnpackPerThread = 65536;
+
+void unpack_dequantize(const uint8_t* packed, int bits, int64_t A, int64_t C, int64_t R, int64_t block,
+                       const float* scale, const int32_t* zero_point, int num_threads, float* out) {
+  const int64_t n = A * C * R;
+  if (n == 0) return;
+  const int64_t G = (R + block - 1) / block;
+  const std::vector<QParam> qp = make_qparams(scale, zero_point, C * G, bits);
+  const KernelTable* t = current_table();  // read once: one level for the whole call
+  const int64_t items = (n + kUnpackChunk - 1) / kUnpackChunk;
+  const int nt = clamp_threads(num_threads, (n + kUnpackPerThread - 1) / kUnpackPerThread);
+  (void)nt;  // only read by the OpenMP pragma
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nt) schedule(static)
+#endif
+  for (int64_t it = 0; it < items; ++it) {
+    alignas(64) uint16_t buf[kUnpackChunk];
+    const int64_t i0 = it * kUnpackChunk;
+    const int64_t m = n - i0 < kUnpackChunk ? n - i0 : kUnpackChunk;
+    t->unpack_u16(packed + i0 / 8 * bits, m, bits, buf);
+    // Runs of codes that share one parameter set: within one block of one row.
+    for (int64_t i = i0; i < i0 + m;) {
+      const int64_t r = i % R, c = (i / R) % C;
+      int64_t len = block - r % block;
+      if (len > R - r) len = R - r;
+      if (len > i0 + m - i) len = i0 + m - i;
+      t->dequant_u16(buf + (i - i0), len, &qp[static_cast<size_t>(c * G + r / block)], out + i);
+      i += len;
+    }
+  }
+}
+
 uint32_t max_code(const uint8_t* codes, int64_t n) { return max_code_impl(codes, n); }
 uint32_t max_code(const uint16_t* codes, int64_t n) { return max_code_impl(codes, n); }
 

@@ -74,6 +74,15 @@ void dequantize(const uint8_t* codes, int64_t C, int64_t K, const float* scale,
 void dequantize(const uint16_t* codes, int64_t C, int64_t K, const float* scale,
                 const int32_t* zero_point, int64_t S, int bits, int num_threads, float* out);
 
+// Unpack-and-dequantize: n = A * C * R codes packed LSB-first at `bits` (the
+// layout of pack_bits) become float32 (code - zp) * scale.  Element (a, c, r)
+// sits at flat index (a * C + c) * R + r; its parameters are those of block
+// r / block of channel c: scale/zero_point[c * G + r / block], G = ceil(R /
+// block).  Per channel: block = R; per tensor: C = 1, block = R = n.  `packed`
+// holds at least packed_bytes(n, bits) bytes; 1 <= block <= R.
+void unpack_dequantize(const uint8_t* packed, int bits, int64_t A, int64_t C, int64_t R, int64_t block,
+                       const float* scale, const int32_t* zero_point, int num_threads, float* out);
+
 // Largest code in the array (used to validate codes against 2^bits - 1).
 uint32_t max_code(const uint8_t* codes, int64_t n);
 uint32_t max_code(const uint16_t* codes, int64_t n);

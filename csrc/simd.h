@@ -62,6 +62,9 @@ struct KernelTable {
   void (*quant_u16)(const float* x, int64_t n, const QParam* qp, uint16_t* out);
   void (*dequant_u8)(const uint8_t* q, int64_t n, const QParam* qp, float* out);
   void (*dequant_u16)(const uint16_t* q, int64_t n, const QParam* qp, float* out);
+  // n codes of `bits` bits (1..16) from an LSB-first bit stream whose first
+  // code starts at bit 0 of packed[0]; reads exactly ceil(n * bits / 8) bytes.
+  void (*unpack_u16)(const uint8_t* packed, int64_t n, int bits, uint16_t* out);
 };
 
 // Defined in kernels_<isa>.cpp (only the ones CMake compiled).

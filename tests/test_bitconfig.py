@@ -97,3 +97,110 @@ def test_truncated_file_is_rejected(small_net, tmp_path):
         path.write_bytes(raw[:cut])
         with pytest.raises(ValueError):
             mixquant.BitConfig.load(path)
+
+
+# ------------------------------------------------ rule against the layers ----
+def _fix_summary(d):
+    """Recompute the stored summary so that only the edit under test can be refused."""
+    c = mixquant.BitConfig(bits={x["name"]: x["bits"] for x in d["layers"]},
+                           shapes={x["name"]: tuple(x["shape"]) for x in d["layers"]},
+                           groups={x["name"]: x["groups"] for x in d["layers"]})
+    d["avg_bits"], d["size_bytes"] = c.avg_bits, c.size_bytes
+
+
+def _drop_errors(d):
+    for layer in d["layers"]:
+        layer.pop("errors", None)
+
+
+def _set_bits(d, i, bits):
+    d["layers"][i]["bits"] = bits
+    _drop_errors(d)
+    _fix_summary(d)
+
+
+RULE_EDITS = {
+    # Each of these used to load (the rule was not checked against the layers).
+    "avg_bits -3": ("budget", lambda d: d["rule"].update(avg_bits=-3), "avg_bits must be in"),
+    "avg_bits 2**70": ("budget", lambda d: d["rule"].update(avg_bits=2**70), "avg_bits must be in"),
+    "avg_bits null": ("budget", lambda d: d["rule"].update(avg_bits=None), "exactly one of"),
+    "avg_bits exceeded": ("budget", lambda d: d["rule"].update(avg_bits=3.0), "above the rule's budget"),
+    "avg_bits and max_bytes": ("budget", lambda d: d["rule"].update(max_bytes=10**9), "exactly one of"),
+    "objective": ("budget", lambda d: d["rule"].update(objective="l1"), "objective"),
+    "max_bytes -1": ("bytes", lambda d: d["rule"].update(max_bytes=-1), "max_bytes"),
+    "max_bytes exceeded": ("bytes", lambda d: d["rule"].update(max_bytes=d["size_bytes"] - 1), "above the rule's"),
+    "qem -5": ("qem", lambda d: d["rule"].update(qem=-5), "qem must be positive"),
+    "ref_bits 99": ("qem", lambda d: d["rule"].update(ref_bits=99), "ref_bits"),
+    "qem_reference": ("qem", lambda d: d["rule"].update(qem_reference="median"), "qem_reference"),
+    "unknown rule": ("qem", lambda d: d["rule"].update(name="magic"), "rule name"),
+    "bits 16, candidates [2]": ("budget", lambda d: (d.update(candidates=[2], rule={"name": "uniform", "bits": 2}),
+                                                     _set_bits(d, 0, 16)), "not a candidate"),
+    "bits off the candidates": ("qem", lambda d: (d.update(candidates=[2, 4, 8]), _set_bits(d, 1, 3)),
+                                "not a candidate"),
+    "candidates [4, 4]": ("budget", lambda d: d.update(candidates=[4, 4]), "distinct and increasing"),
+    "candidates unsorted": ("budget", lambda d: d.update(candidates=[8, 2, 3, 4, 5, 6, 7]), "distinct and increasing"),
+    "error table bits [4, 4]": ("budget", lambda d: d["layers"][0]["errors"].update(
+        {k: v[:2] for k, v in d["layers"][0]["errors"].items()}, bits=[4, 4]), "distinct and increasing"),
+    "error table lacks a candidate": ("budget", lambda d: d["layers"][0]["errors"].update(
+        {k: v[1:] for k, v in d["layers"][0]["errors"].items()}), "lack bit-widths"),
+    "keep contradicts the layer": ("budget", lambda d: d["rule"].update(keep="conv1=4"), "pins it at 4"),
+    "keep names no layer": ("budget", lambda d: d["rule"].update(keep="nope=8"), "does not name a layer"),
+    "uniform bits disagree": ("uniform", lambda d: d["rule"].update(bits=5), "uniform rule"),
+    "raised not a string": ("budget", lambda d: d["rule"].update(raised=8), "'name=bits"),
+}
+
+
+def _rule_configs(net):
+    return {
+        "budget": mixquant.search(net, avg_bits=4, keep={"conv1": 8}),
+        "bytes": mixquant.search(net, max_bytes=9000),
+        "qem": mixquant.search(net, qem=4),
+        "uniform": mixquant.uniform(net, 4, keep={"fc2": 8}),
+    }
+
+
+@pytest.mark.parametrize("edit", list(RULE_EDITS))
+def test_rule_that_contradicts_the_layers_is_refused(small_net, tmp_path, edit):
+    kind, fn, match = RULE_EDITS[edit]
+    data = _rule_configs(small_net)[kind].to_dict()
+    fn(data)
+    path = tmp_path / "bits.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=match):
+        mixquant.BitConfig.load(path)
+
+
+def test_every_rule_the_library_writes_loads(small_net, tmp_path):
+    configs = _rule_configs(small_net)
+    configs["qem model"] = mixquant.search(small_net, qem=2, qem_reference="model", ref_bits=6)
+    configs["uniform no errors"] = mixquant.uniform(small_net, 3, errors=False)
+    for label, config in configs.items():
+        path = tmp_path / f"{label}.json"
+        config.save(path)
+        assert mixquant.BitConfig.load(path) == config, label
+
+
+def test_applied_config_records_what_quantize_changed(small_net):
+    # The first/last override and a granularity change are recorded, so the applied config
+    # (embedded in exports) still satisfies the rule checks.
+    config = mixquant.search(small_net, bits=[2, 3, 4], avg_bits=3)
+    q = mixquant.quantize(small_net, config, keep_first_last_8bit=True, per_channel=False, progress=False)
+    applied = q.mixquant_state.config
+    assert applied.rule["raised"] == "conv1=8,fc2=8" or applied.rule["raised"] == "fc2=8,conv1=8"
+    assert applied.rule["quantizer_changed"] is True and applied.errors == {}
+    assert mixquant.BitConfig.from_dict(applied.to_dict()) == applied
+    tampered = applied.to_dict()
+    tampered["rule"]["raised"] = "conv1=7"
+    with pytest.raises(ValueError, match="pins it at 7"):
+        mixquant.BitConfig.from_dict(tampered)
+
+
+def test_per_tensor_config_with_groups_is_refused(small_net, tmp_path):
+    # Kills the mutation that drops the per-tensor "groups == 1" check (no test held it).
+    data = mixquant.search(small_net, avg_bits=4, per_channel=False).to_dict()
+    data["layers"][1]["groups"] = 16
+    _fix_summary(data)
+    path = tmp_path / "bits.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="16 groups in a per-tensor config"):
+        mixquant.BitConfig.load(path)

@@ -34,10 +34,13 @@ def test_search_from_factory_writes_config(tmp_path, capsys):
 
 
 @pytest.mark.filterwarnings("ignore:.*torch.jit.script.*:DeprecationWarning")
-def test_torchscript_file_loads(tmp_path):
+def test_torchscript_file_loads_with_trust_file(tmp_path):
+    # TorchScript runs code on load (tests/test_hardening.py), so it needs --trust-file like a pickle.
     path = tmp_path / "net.pt"
     torch.jit.script(make_small_net()).save(str(path))
-    assert main(["search", str(path), "--qem", "16", "--per-tensor", "--out", str(tmp_path / "b.json")]) == 0
+    out = str(tmp_path / "b.json")
+    assert main(["search", str(path), "--qem", "16", "--per-tensor", "--out", out]) == 2
+    assert main(["search", str(path), "--qem", "16", "--per-tensor", "--out", out, "--trust-file"]) == 0
 
 
 def test_pickled_module_needs_trust_flag(tmp_path, capsys):

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 import zipfile
+from typing import Tuple
 
 import numpy as np
 import pytest
@@ -27,7 +28,8 @@ from hypothesis import strategies as st
 import mixquant
 from conftest import make_small_net, simd_levels
 from mixquant import _core
-from mixquant.io.files import write_bytes_atomic, write_text_atomic
+from mixquant.io.files import write_text_atomic
+from mixquant.io.models import load_model
 from mixquant.cli import main
 
 LEVELS = simd_levels()
@@ -393,6 +395,60 @@ def test_malicious_pickle_is_not_executed_without_trust_file(tmp_path, capsys):
     assert marker.exists()
 
 
+class _ScriptedEvil(nn.Module):
+    """A TorchScript module whose __setstate__, run by torch.jit.load, overwrites 4 bytes of another file."""
+
+    def __init__(self, victim: str) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 4))
+        self.victim = victim
+        self.seen = 0
+
+    @torch.jit.export
+    def __getstate__(self):
+        return (self.victim, self.weight, self.training)
+
+    @torch.jit.export
+    def __setstate__(self, state: Tuple[str, torch.Tensor, bool]):
+        self.victim, self.weight, self.training = state
+        t = torch.from_file(self.victim, shared=True, size=4, dtype=torch.uint8)  # a writable mapping
+        t.fill_(88)
+        self.seen = int(t[0])  # keep the write alive through TorchScript's dead-code elimination
+
+    def forward(self, x):
+        return x @ self.weight
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_torchscript_runs_no_code_without_trust_file(tmp_path, capsys):
+    # Used to: `mixquant search evil.pt` ran the file's __setstate__ (torch.jit.load) without --trust-file,
+    # which here overwrites bytes of another file.
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"abcdefgh")
+    path = tmp_path / "evil.pt"
+    torch.jit.script(_ScriptedEvil(str(victim))).save(str(path))
+    out = tmp_path / "bits.json"
+    assert main(["search", str(path), "--qem", "4", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "TorchScript" in err and "--trust-file" in err and "Traceback" not in err
+    assert victim.read_bytes() == b"abcdefgh" and not out.exists()
+    with pytest.raises(ValueError, match="TorchScript"):
+        load_model(str(path))
+    assert victim.read_bytes() == b"abcdefgh"
+    # The payload is live: with the flag the file's code does run (which is what the flag means).
+    load_model(str(path), trust_file=True)
+    assert victim.read_bytes() == b"XXXXefgh"
+
+
+def test_help_says_model_files_can_run_code(capsys):
+    # Used to: the help said files "cannot run code" while TorchScript files loaded without --trust-file.
+    for command in ("search", "quantize", "evaluate"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "TorchScript" in text and "can run code" in text and "cannot run code" not in text, command
+
+
 def _garbage_model_files(tmp_path):
     good = tmp_path / "good.pt"
     torch.save(make_small_net(), good)
@@ -534,8 +590,8 @@ def test_bitconfig_truncations_and_random_bytes(saved_config):
             config = mixquant.BitConfig.load(saved_config)
         except ValueError:
             continue
-        # A flip the validator cannot tell from an edit (e.g. a digit of an error value): still usable.
-        assert config.size_bytes > 0 and str(config)
+        # A flip the validator cannot tell from an edit (e.g. a digit of an error value): still consistent.
+        assert_config_invariants(config, saved_config.parent / "again.json")
 
 
 def test_bitconfig_random_field_substitutions(saved_config):
@@ -550,6 +606,7 @@ def test_bitconfig_random_field_substitutions(saved_config):
 
     all_paths = [p for p in paths(base) if p]
     rng = random.Random(99)
+    loaded = 0
     for _ in range(400):
         data = json.loads(json.dumps(base))
         for _ in range(rng.randint(1, 3)):
@@ -566,7 +623,51 @@ def test_bitconfig_random_field_substitutions(saved_config):
             config = mixquant.BitConfig.load(saved_config)
         except ValueError:
             continue
-        str(config), config.avg_bits, config.size_bytes  # loaded means usable
+        loaded += 1
+        assert_config_invariants(config, saved_config.parent / "again.json")
+    assert loaded > 10  # the substitutions do reach configs that load (values the validator cannot doubt)
+
+
+def _pins(rule, key):
+    return {n: int(b) for n, _, b in (item.rpartition("=") for item in rule.get(key, "").split(",") if item)}
+
+
+def assert_config_invariants(config, scratch):
+    """What every config that loads must satisfy (it used to be enough for it to print)."""
+    from mixquant.core.limits import MAX_BITS, MIN_BITS
+
+    names = list(config.bits)
+    assert names and set(config.shapes) == set(names) == set(config.groups)
+    cands = config.candidates
+    assert cands == sorted(set(cands)) and all(MIN_BITS <= b <= MAX_BITS for b in cands)
+    raised, keep = _pins(config.rule, "raised"), _pins(config.rule, "keep")
+    for name, b in config.bits.items():
+        assert isinstance(b, int) and MIN_BITS <= b <= MAX_BITS
+        assert b in cands or raised.get(name, keep.get(name)) == b, (name, b, cands, config.rule)
+        shape = config.shapes[name]
+        assert 2 <= len(shape) and all(isinstance(d, int) and d >= 1 for d in shape)
+        assert config.groups[name] == 1 if not config.per_channel else 1 <= config.groups[name] <= max(shape)
+    rule = config.rule
+    assert rule["name"] in ("uniform", "qem", "budget")
+    if rule["name"] == "uniform":
+        assert cands == [rule["bits"]]
+    elif rule["name"] == "qem":
+        assert math.isfinite(rule["qem"]) and rule["qem"] > 0 and MIN_BITS <= rule["ref_bits"] <= MAX_BITS
+    elif not raised and "quantizer_changed" not in rule:
+        if rule.get("avg_bits") is not None:
+            assert 0 < rule["avg_bits"] <= MAX_BITS and config.avg_bits <= rule["avg_bits"] + 1e-9
+        else:
+            assert config.size_bytes <= rule["max_bytes"]
+    assert config.clip in ("minmax", "mse") and math.isfinite(config.p) and config.p > 0
+    for name, table in config.errors.items():
+        assert name in config.bits and table["bits"] == sorted(set(table["bits"]))
+        for metric in ("sse", "mse", "norm", "max_abs"):
+            assert len(table[metric]) == len(table["bits"])
+            assert all(math.isfinite(v) and v >= 0 for v in table[metric])
+        assert config.bits[name] in table["bits"] or name in raised
+    assert 0 < config.avg_bits <= MAX_BITS and config.size_bytes > 0 and str(config)
+    config.save(scratch, overwrite=True)  # what loads saves and loads back unchanged
+    assert mixquant.BitConfig.load(scratch) == config
 
 
 # ---------------------------------------------------------- atomic writes --

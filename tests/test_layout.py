@@ -31,11 +31,13 @@ RANKS = {
     "mixquant.core": 1,
     "mixquant.io.files": 1,
     "mixquant.io.models": 1,
+    "mixquant.io.strict_json": 1,
     "mixquant.nn": 2,
     "mixquant.allocation": 3,
     "mixquant.methods": 3,
     "mixquant.api": 4,
     "mixquant.io.export": 5,
+    "mixquant.io.onnx_export": 5.5,  # reads export's codes check
     "mixquant": 6,  # the package's __init__: the public API, for the studies and the CLI to use
     "mixquant.zoo": 7,
     "mixquant.experiments": 8,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import struct
 
 import pytest
@@ -255,3 +256,175 @@ def test_directory_and_missing_file(tmp_path):
     with pytest.raises(ValueError):
         load_quantized(tmp_path, TinyResNet())
     assert os.path.isdir(tmp_path)
+
+
+# ------------------------------------ activation quantizers, folds, values ----
+@pytest.fixture(scope="module")
+def exported_act(tmp_path_factory):
+    """A MobileNet-shaped model with folded BNs and input and block-output activation quantizers."""
+    from _quant_models import images, tiny_mobilenet
+
+    model = tiny_mobilenet()
+    q = quantize(model, mixquant.uniform(model, 4), act_bits=8, calib_data=images(16), fold_bn=True,
+                 quantize_block_outputs=True, progress=False)
+    path = tmp_path_factory.mktemp("export_act") / "qa.safetensors"
+    export(q, path)
+    return path
+
+
+def _load_act(path):
+    from _quant_models import TinyMobileNet
+
+    return load_quantized(path, TinyMobileNet())
+
+
+def _set_first(suffix, value):
+    def edit(t):
+        key = next(k for k in sorted(t) if k.endswith(suffix))
+        t[key] = torch.full_like(t[key], value)
+    return edit
+
+
+ACT_EDITS = {  # each used to load and give NaN or different outputs
+    **{f"input scale {v}": _set_first("input_quantizer.scale", v) for v in (float("nan"), float("inf"), 0.0, -1.0)},
+    **{f"input zero point {v}": _set_first("input_quantizer.zero_point", v) for v in (float("nan"), 1e9, 3.7, -1.0)},
+    **{f"output scale {v}": _set_first("output_quantizer.scale", v) for v in (float("nan"), 0.0)},
+    **{f"output zero point {v}": _set_first("output_quantizer.zero_point", v) for v in (256.0, 0.5)},
+    "NaN bias": _set_first("classifier.bias", float("nan")),
+    "Inf bias": _set_first("features.0.0.bias", float("-inf")),
+}
+
+
+@pytest.mark.parametrize("edit", list(ACT_EDITS))
+def test_tampered_values_are_refused(exported_act, tmp_path, edit):
+    assert _load_act(exported_act) is not None
+    bad = _rewrite(exported_act, tmp_path / "a.safetensors", edit_tensors=ACT_EDITS[edit])
+    with pytest.raises(ValueError):
+        _load_act(bad)
+
+
+def test_negative_running_var_is_refused(exported, tmp_path):
+    # Used to load, and give NaN outputs.
+    bad = _rewrite(exported[0], tmp_path / "v.safetensors", edit_tensors=_set_first("bn1.running_var", -1.0))
+    with pytest.raises(ValueError, match="running_var"):
+        load_quantized(bad, TinyResNet())
+
+
+def _edit_folds(fn):
+    def edit(meta):
+        meta["folded_bn"] = json.dumps(fn(json.loads(meta["folded_bn"])))
+    return edit
+
+
+FOLD_EDITS = {
+    # used to replace the ReLU6 with Identity silently
+    "bn is a ReLU6": lambda f: [["features.0.0", "features.0.2"]] + f[1:],
+    # used to give AttributeError
+    "bn is a Conv": lambda f: [["features.0.0", "features.1.conv.0"]] + f[1:],
+    "layer is an activation": lambda f: [["features.0.2", "features.0.1"]] + f[1:],
+    "bn twice": lambda f: f + [f[0]],
+    "channel count differs": lambda f: [["features.0.0", "features.1.conv.1"]] + f[1:],
+}
+
+
+@pytest.mark.parametrize("edit", list(FOLD_EDITS))
+def test_folded_bn_names_are_checked_against_the_model(exported_act, tmp_path, edit):
+    bad = _rewrite(exported_act, tmp_path / "f.safetensors", edit_meta=_edit_folds(FOLD_EDITS[edit]))
+    with pytest.raises(ValueError, match="folded batch norms"):
+        _load_act(bad)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda m: m.update(input_act_bits=json.dumps({"features.0.2": 8})), "not a quantized layer"),
+    (lambda m: m.update(output_act_bits=json.dumps({"classifier": 8})), "not a block"),
+    (lambda m: m.update(output_act_bits=json.dumps({"features.0.2": 8})), "not a block"),
+])
+def test_activation_quantizer_owners_are_checked(exported_act, tmp_path, edit, match):
+    bad = _rewrite(exported_act, tmp_path / "o.safetensors", edit_meta=edit)
+    with pytest.raises(ValueError, match=match):
+        _load_act(bad)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (_edit_layers(lambda s: s.update(ch_axis=1)), "channel axis"),  # a valid-looking axis of the wrong kind
+    (_edit_layers(lambda s: s.update(dtype="float16")), "float16"),
+])
+def test_layer_metadata_is_checked_against_the_layer(exported, tmp_path, edit, match):
+    bad = _rewrite(exported[0], tmp_path / "l.safetensors", edit_meta=edit)
+    with pytest.raises(ValueError, match=match):
+        load_quantized(bad, TinyResNet())
+
+
+# ------------------------------------------------------- nesting, FIFOs -----
+DEEP = "[" * 200_000 + "]" * 200_000
+
+
+@pytest.mark.parametrize("key", ["config", "folded_bn", "layers", "input_act_bits"])
+def test_deeply_nested_metadata_is_a_value_error(exported, tmp_path, capsys, key):
+    # Used to: RecursionError (and a traceback from `mixquant evaluate`).
+    bad = _rewrite(exported[0], tmp_path / "d.safetensors", edit_meta=lambda m: m.update({key: DEEP}))
+    with pytest.raises(ValueError, match="nested too deeply"):
+        load_quantized(bad, TinyResNet())
+
+
+def test_deeply_nested_header_is_a_value_error(exported, tmp_path):
+    raw = exported[0].read_bytes()
+    n, header = _header(raw)
+    text = json.dumps(header)[:-1] + ', "deep": ' + DEEP[:20_000] + DEEP[-20_000:] + "}"
+    bad = tmp_path / "h.safetensors"
+    body = text.encode()
+    bad.write_bytes(struct.pack("<Q", len(body)) + body + raw[8 + n:])
+    with pytest.raises(ValueError, match="nested too deeply"):
+        load_quantized(bad, TinyResNet())
+
+
+def test_cli_evaluate_of_nested_metadata_is_one_line(exported, tmp_path, capsys):
+    from mixquant.cli import main
+
+    bad = _rewrite(exported[0], tmp_path / "d.safetensors", edit_meta=lambda m: m.update(config=DEEP))
+    torch.save(torch.randn(2, 3, 8, 8), tmp_path / "x.pt")
+    assert main(["evaluate", "_quant_models:TinyResNet", str(bad), "--data", str(tmp_path / "x.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "nested too deeply" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_fifo_is_refused_not_waited_on(tmp_path):
+    # Used to: load_quantized (and `evaluate MODEL FIFO`) blocked forever waiting for a writer.
+    fifo = tmp_path / "q.safetensors"
+    os.mkfifo(fifo)
+
+    def hung(signum, frame):
+        raise AssertionError("load_quantized blocked on a FIFO")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(30)
+    try:
+        with pytest.raises(ValueError, match="not a regular file"):
+            load_quantized(fifo, TinyResNet())
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_meta_model_is_refused(exported):
+    # Used to: "succeed", leaving a model with no data.
+    with torch.device("meta"):
+        model = TinyResNet()
+    with pytest.raises(ValueError, match="meta device"):
+        load_quantized(exported[0], model)
+    assert not hasattr(model, "mixquant_state")
+
+
+# -------------------------------------------------------- reproducible ------
+def test_export_is_byte_reproducible(tmp_path):
+    # Used to: the metadata order changed from call to call, so the same model gave different bytes.
+    outs = []
+    for i in range(4):
+        model = tiny_resnet()
+        q = quantize(model, mixquant.uniform(model, 4), progress=False)
+        export(q, tmp_path / f"{i}.safetensors")
+        outs.append((tmp_path / f"{i}.safetensors").read_bytes())
+    assert all(o == outs[0] for o in outs)
+    n, header = _header(outs[0])
+    assert list(header) == sorted(header) and list(header["__metadata__"]) == sorted(header["__metadata__"])
+    assert (8 + n) % 8 == 0

@@ -31,7 +31,7 @@ command -v g++ >/dev/null 2>&1 || { echo "ci_hardening: g++ is required" >&2; ex
   || "$PY" -m pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" pytest hypothesis cmake ninja
 
 stamp "ASan/UBSan build, kernel + hardening tests, ${PROPERTY_SECONDS}s binding fuzz"
-SAN_EXTRA_PYTEST="tests/test_hardening.py tests/test_concurrency.py" \
+SAN_EXTRA_PYTEST="tests/test_hardening.py tests/test_concurrency.py tests/test_unpack_dequantize.py" \
   bash tools/sanitize.sh --fuzz-seconds "$PROPERTY_SECONDS"
 
 stamp "libFuzzer harness of csrc/ops.h (${FUZZ_SECONDS}s)"

@@ -28,9 +28,17 @@ from .core.backend import (
     use_simd_level,
 )
 from .core.error import RoundoffError, roundoff_error
-from .core.kernels import dequantize_tensor, fake_quantize_tensor, pack_bits, quantize_tensor, unpack_bits
+from .core.kernels import (
+    dequantize_tensor,
+    fake_quantize_tensor,
+    pack_bits,
+    quantize_tensor,
+    unpack_bits,
+    unpack_dequantize,
+)
 from .core.ranges import ClipSearchResult, choose_qparams, clip_search
 from .io.export import ExportInfo, export, load_quantized
+from .io.onnx_export import OnnxExportInfo, export_onnx
 from .methods.asymmetric import AsymmetricOptions
 from .methods.blocks import register_block
 from .methods.brecq import BrecqOptions, BrecqReport
@@ -47,6 +55,8 @@ __all__ = [
     "ExportInfo",
     "QuantInfo",
     "export",
+    "export_onnx",
+    "OnnxExportInfo",
     "fold_bn",
     "load_quantized",
     "quant_info",
@@ -72,6 +82,7 @@ __all__ = [
     "supported_simd_levels",
     "uniform",
     "unpack_bits",
+    "unpack_dequantize",
     "use_backend",
     "use_simd_level",
 ]

@@ -118,3 +118,10 @@ def pack_bits(codes: _Codes, bits: int) -> _U8:
 
 def unpack_bits(packed: _U8, bits: int, n: int) -> _Codes:
     """Unpack ``n`` codes from an LSB-first bit stream: uint8 when ``bits <= 8``, else uint16."""
+
+def unpack_dequantize(packed: _U8, bits: int, outer: int, channels: int, inner: int, block: int,
+                      scale: npt.ArrayLike, zero_point: npt.ArrayLike, num_threads: int, out: _F32) -> None:
+    """Decode ``outer * channels * inner`` codes packed LSB-first at ``bits`` into ``out`` (float32,
+    C-contiguous, writable, in place): element ``(a, c, r)`` is ``(code - zero_point[i]) * scale[i]``,
+    ``i = c * max(1, ceil(inner / block)) + r // block``; ``1 <= block <= inner``.  ``out`` must not
+    overlap ``packed``."""

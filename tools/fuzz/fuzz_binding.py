@@ -230,6 +230,8 @@ def check_raw_junk(rng: np.random.Generator) -> None:
         "dequantize": (np.zeros((3, 4), np.uint8), np.ones(3, np.float32), np.zeros(3, np.int64), 4, 1),
         "pack_bits": (np.zeros(7, np.uint8), 3),
         "unpack_bits": (np.zeros(7, np.uint8), 3, 10),
+        "unpack_dequantize": (np.zeros(8, np.uint8), 4, 1, 2, 8, 8, np.ones(2, np.float32), np.zeros(2, np.int64),
+                              1, np.empty(16, np.float32)),
     }
     name = list(good)[int(rng.integers(0, len(good)))]
     args = list(good[name])

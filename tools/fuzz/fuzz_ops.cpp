@@ -18,7 +18,8 @@
 //   row_energy      within 1e-5 of a double sum
 //   clip_search     index in range, chosen error within 2e-5 of the naive
 //                   Lp error of that candidate and no worse than the best naive one
-//   pack/unpack     round trip; any byte stream unpacks to codes < 2^bits
+//   pack/unpack     round trip; any byte stream unpacks to codes < 2^bits;
+//                   unpack_dequantize equals unpack + the dequantize formula
 //
 // Unvalidated inputs the binding never passes (NaN weights to the reductions)
 // are still run, for memory and UB safety only.
@@ -151,6 +152,28 @@ void check_pack(Reader& r) {
   unpack_bits(raw.data(), n, bits, back.data());
   for (int64_t i = 0; i < n; ++i)
     if (back[i] >= limit) die("unpacked code out of range", back[i], limit, i);
+  // unpack_dequantize of the same exact-size stream, on every level: the
+  // codes above through the documented formula, with blocks along rows.
+  const int64_t C = n > 0 && n % 3 == 0 ? 3 : 1, R = n / C;
+  const int64_t block = R > 0 ? 1 + r.u16() % R : 1;
+  const int64_t G = R > 0 ? (R + block - 1) / block : 1;
+  std::vector<float> scale(static_cast<size_t>(C * G));
+  std::vector<int32_t> zp(static_cast<size_t>(C * G));
+  for (int64_t i = 0; i < C * G; ++i) {
+    scale[i] = 1e-3f * static_cast<float>(1 + r.u16());
+    zp[i] = static_cast<int32_t>(r.u16() % limit);
+  }
+  std::vector<float> out(static_cast<size_t>(n));
+  for (int l = 0; l <= 2; ++l) {
+    if (!simd_level_supported(static_cast<SimdLevel>(l))) continue;
+    set_simd_level(static_cast<SimdLevel>(l));
+    unpack_dequantize(raw.data(), bits, 1, C, R, block, scale.data(), zp.data(), 1 + l, out.data());
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t p = (i / R) * G + (i % R) / block;
+      const float want = (static_cast<float>(back[i]) - static_cast<float>(zp[p])) * scale[p];
+      if (!same_float(out[i], want)) die("unpack_dequantize != unpack + dequantize", l, bits, i);
+    }
+  }
 }
 
 }  // namespace

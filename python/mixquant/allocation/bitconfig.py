@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import stat
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch.nn as nn
 
 from ..core.spec import QuantizerSpec
-from ..io.files import write_text_atomic
+from ..io import strict_json
+from ..io.files import read_regular, write_text_atomic
 from ..nn.layers import channel_axis, is_quantizable
 from .bitconfig_file import FORMAT, METRICS, SENSITIVITY_METRIC, VERSION, parse_bitconfig
 # Bytes stored per quantization group besides the packed codes: a float32 scale
@@ -182,22 +182,11 @@ class BitConfig:
         no duplicate keys, bounded nesting) before every field is validated.
         """
         shown = repr(os.fspath(path))
-        st = os.stat(path)
-        if not stat.S_ISREG(st.st_mode):  # a FIFO or /dev/zero would block or never end
-            raise ValueError(f"{shown} is not a regular file")
-        if st.st_size > MAX_FILE_BYTES:
-            raise ValueError(f"{shown} is {st.st_size} bytes, larger than any bit config ({MAX_FILE_BYTES})")
-        with open(path, "rb") as fh:
-            raw = fh.read(MAX_FILE_BYTES + 1)  # the file may grow after the stat
-        if len(raw) > MAX_FILE_BYTES:
-            raise ValueError(f"{shown} is larger than any bit config ({MAX_FILE_BYTES} bytes)")
+        raw = read_regular(path, MAX_FILE_BYTES, "bit config")
         try:
-            data = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant,
-                              object_pairs_hook=_reject_duplicates)
-        except RecursionError:
-            raise ValueError(f"{shown} is not a mixquant bit config (JSON nested too deeply)") from None
-        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, huge integers, NaN, duplicates
-            raise ValueError(f"{shown} is not a mixquant bit config (invalid JSON: {exc})") from None
+            data = strict_json.loads(raw)
+        except ValueError as exc:
+            raise ValueError(f"{shown} is not a mixquant bit config ({exc})") from None
         return cls.from_dict(data)
 
     # -- display ---------------------------------------------------------
@@ -231,15 +220,3 @@ class BitConfig:
     def __str__(self) -> str:
         return self.table()
 
-
-def _reject_constant(token: str) -> None:
-    raise ValueError(f"non-finite number {token} in a bit config")
-
-
-def _reject_duplicates(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
-    out: Dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:  # json would keep the last silently; a tampered file could hide a field
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
-    return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Mapping
 
@@ -17,6 +18,10 @@ METRICS = ("sse", "mse", "norm", "max_abs")
 SENSITIVITY_METRIC = "sensitivity"
 SENSITIVITY_NAMES = ("weight", "input", "output", "fisher", "model")
 _HEX = set("0123456789abcdef")
+#: The rules that choose bits (see :mod:`.rules`), and their options.
+RULES = ("uniform", "qem", "budget")
+OBJECTIVES = ("mse", "norm", "sse")
+QEM_REFERENCES = ("layer", "model")
 MAX_LAYERS = 100_000
 MAX_DIMS = 8
 MAX_NUMEL = 2**48
@@ -77,6 +82,8 @@ def parse_bitconfig(cls: type, data: Mapping[str, Any]) -> Any:
     if not isinstance(candidates, list) or not candidates or len(candidates) > MAX_BITS:
         _fail("candidates must be a non-empty list of bit-widths")
     candidates = [_int(b, "candidate bit-width", MIN_BITS, MAX_BITS) for b in candidates]
+    if any(a >= b for a, b in zip(candidates, candidates[1:])):
+        _fail(f"candidates must be distinct and increasing, got {candidates}")
     rule = data.get("rule")
     if not isinstance(rule, dict) or not isinstance(rule.get("name"), str):
         _fail("rule must be an object with a 'name'")
@@ -118,6 +125,7 @@ def parse_bitconfig(cls: type, data: Mapping[str, Any]) -> Any:
         _fail(f"size_bytes {data['size_bytes']} does not match the layers ({config.size_bytes})")
     if "avg_bits" in data and abs(data["avg_bits"] - config.avg_bits) > 1e-9 * max(1.0, config.avg_bits):
         _fail(f"avg_bits {data['avg_bits']} does not match the layers ({config.avg_bits})")
+    _check_rule(config)
     return config
 
 
@@ -140,6 +148,91 @@ def _parse_calibration(value: Any, sensitivity: str) -> Any:
     return out
 
 
+def _pinned(rule: Mapping[str, Any], key: str, bits: Mapping[str, int]) -> dict:
+    """``rule[key]``, a ``"name=bits,..."`` list of pinned layers, each checked against the layers."""
+    text = rule.get(key)
+    if text is None:
+        return {}
+    if not isinstance(text, str):
+        _fail(f"rule {key!r} must be a 'name=bits,...' string, got {text!r}")
+    out = {}
+    for item in text.split(",") if text else []:
+        name, sep, value = item.rpartition("=")
+        if not sep or name not in bits or name in out:
+            _fail(f"rule {key!r}: {item!r} does not name a layer of the config once")
+        if not value.isdigit():
+            _fail(f"rule {key!r}: {item!r} has no integer bit-width")
+        out[name] = int(value)
+    return out
+
+
+def _check_rule(config: Any) -> None:
+    """The recorded rule, the candidates and the error tables must agree with the layers' bits.
+
+    ``rule["keep"]`` lists the layers the caller pinned; ``rule["raised"]`` the
+    layers a method raised afterwards (first/last layer at 8 bits);
+    ``rule["quantizer_changed"]`` marks a config applied with another
+    granularity or symmetry than the one searched. Every other layer sits on a
+    candidate, and a budget the layers exceed is a contradiction.
+    """
+    rule, bits, candidates = config.rule, config.bits, config.candidates
+    name = rule["name"]
+    if name not in RULES:
+        _fail(f"rule name must be one of {RULES}, got {name!r}")
+    raised = _pinned(rule, "raised", bits)
+    keep = {k: v for k, v in _pinned(rule, "keep", bits).items() if k not in raised}
+    changed = rule.get("quantizer_changed", False)
+    if changed is not True and "quantizer_changed" in rule:
+        _fail(f"rule 'quantizer_changed' must be true when present, got {changed!r}")
+    for layer, b in {**keep, **raised}.items():
+        if bits[layer] != b:
+            _fail(f"layer {layer!r} has {bits[layer]} bits, the rule pins it at {b}")
+    for layer, b in bits.items():
+        if layer not in keep and layer not in raised and b not in candidates:
+            _fail(f"layer {layer!r} has {b} bits, which is not a candidate {candidates}")
+    if name == "uniform":
+        if _int(rule.get("bits"), "rule bits", MIN_BITS, MAX_BITS) != candidates[0] or len(candidates) != 1:
+            _fail(f"a uniform rule at {rule.get('bits')} bits must have exactly that candidate, got {candidates}")
+    elif name == "qem":
+        if not _number(rule.get("qem"), "rule qem") > 0:
+            _fail(f"rule qem must be positive, got {rule.get('qem')}")
+        _int(rule.get("ref_bits"), "rule ref_bits", MIN_BITS, MAX_BITS)
+        if rule.get("qem_reference") not in QEM_REFERENCES:
+            _fail(f"rule qem_reference must be one of {QEM_REFERENCES}, got {rule.get('qem_reference')!r}")
+    else:
+        _check_budget(config, rule, raised, changed)
+    for layer, table in config.errors.items():
+        needed = set() if layer in raised else {bits[layer]}
+        if name != "uniform":
+            needed |= set(candidates) | ({rule["ref_bits"]} if name == "qem" else set())
+        if not needed <= set(table["bits"]):
+            _fail(f"errors of layer {layer!r} lack bit-widths {sorted(needed - set(table['bits']))}")
+
+
+def _check_budget(config: Any, rule: Mapping[str, Any], raised: Mapping[str, int], changed: bool) -> None:
+    if config.sensitivity == "weight":
+        if rule.get("objective") not in OBJECTIVES:
+            _fail(f"rule objective must be one of {OBJECTIVES}, got {rule.get('objective')!r}")
+    elif "objective" in rule:  # data-aware costs are summed as they are
+        _fail(f"a {config.sensitivity!r} budget rule has no objective, got {rule['objective']!r}")
+    given = [k for k in ("avg_bits", "max_bytes") if rule.get(k) is not None]
+    if len(given) != 1:
+        _fail(f"a budget rule needs exactly one of avg_bits, max_bytes, got {given or 'none'}")
+    # A raised layer may have been anything before it was raised: count it at the fewest bits.
+    lowest = dataclasses.replace(config, bits={**config.bits, **{layer: MIN_BITS for layer in raised}})
+    if "avg_bits" in given:
+        budget = _number(rule["avg_bits"], "rule avg_bits")
+        if not 0 < budget <= MAX_BITS:
+            _fail(f"rule avg_bits must be in (0, {MAX_BITS}], got {budget}")
+        total = config.total_params  # the budget rule's own capacity, in weight-bits
+        if sum(config.num_params[k] * b for k, b in lowest.bits.items()) > math.floor(budget * total + 1e-9 * total):
+            _fail(f"the layers average {config.avg_bits:.6g} bits, above the rule's budget avg_bits={budget}")
+    else:
+        budget = _int(rule["max_bytes"], "rule max_bytes", 1, 2**63 - 1)
+        if not changed and lowest.size_bytes > budget:  # another granularity changes the scale count
+            _fail(f"the layers take {config.size_bytes} bytes, above the rule's budget max_bytes={budget}")
+
+
 def _parse_errors(table: Any, name: str, data_aware: bool) -> dict:
     keys = {"bits", *METRICS} | ({SENSITIVITY_METRIC} if data_aware else set())
     if not isinstance(table, dict) or set(table) != keys:
@@ -148,6 +241,8 @@ def _parse_errors(table: Any, name: str, data_aware: bool) -> dict:
     if not isinstance(table_bits, list) or not table_bits or len(table_bits) > MAX_BITS:
         _fail(f"errors of layer {name!r}: 'bits' must be a non-empty list")
     out = {"bits": [_int(b, f"error table bits of {name!r}", MIN_BITS, MAX_BITS) for b in table_bits]}
+    if any(a >= b for a, b in zip(out["bits"], out["bits"][1:])):
+        _fail(f"errors of layer {name!r}: 'bits' must be distinct and increasing, got {out['bits']}")
     for metric in METRICS + ((SENSITIVITY_METRIC,) if data_aware else ()):
         values = table[metric]
         if not isinstance(values, list) or len(values) != len(table_bits):

@@ -22,10 +22,9 @@ from typing import Dict, List, Mapping, Optional
 import numpy as np
 
 from .bitconfig import layer_bytes
+from .bitconfig_file import OBJECTIVES, QEM_REFERENCES
 from .knapsack import InfeasibleBudget, solve_mckp
 
-OBJECTIVES = ("mse", "norm", "sse")
-QEM_REFERENCES = ("layer", "model")
 DEFAULT_OBJECTIVE = "norm"
 
 __all__ = ["OBJECTIVES", "QEM_REFERENCES", "DEFAULT_OBJECTIVE", "Costs", "qem_bits", "budget_bits"]

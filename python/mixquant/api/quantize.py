@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -29,6 +30,8 @@ from ..methods.common import QuantJob, build_options, execution_order
 from ..nn import qmodules
 from ..nn.calib import check_forward, collect_calib
 from ..nn.layers import channel_axis
+from ..nn.parametrized import materialize_weights
+from ..nn.precision import LOW_PRECISION, max_bits_for, restore_dtypes, to_float32
 
 __all__ = ["quantize", "quant_info", "QuantInfo", "QuantState", "FIRST_LAST_BITS"]
 
@@ -161,12 +164,64 @@ def _already_quantized(model: nn.Module) -> bool:
 
 
 def _applied_config(config: BitConfig, model: nn.Module, bits: Dict[str, int], per_channel: bool, symmetric: bool) -> BitConfig:
+    """The config as applied; what differs from ``config`` is recorded in its rule.
+
+    ``rule["raised"]`` lists the layers whose bits the method raised; with another
+    granularity or symmetry, ``rule["quantizer_changed"]`` is set and the error
+    tables (measured with the other quantizer) are dropped.
+    """
     groups = dict(config.groups)
     if per_channel != config.per_channel:
         for name in bits:
             layer = model.get_submodule(name)
             groups[name] = layer.weight.shape[channel_axis(layer)] if per_channel else 1
-    return dataclasses.replace(config, bits=dict(bits), groups=groups, per_channel=per_channel, symmetric=symmetric)
+    rule, errors = dict(config.rule), config.errors
+    raised = [name for name in bits if bits[name] != config.bits[name]]
+    if raised:
+        rule["raised"] = ",".join(f"{name}={bits[name]}" for name in raised)
+    if (per_channel, symmetric) != (config.per_channel, config.symmetric):
+        rule["quantizer_changed"] = True
+        errors = {}
+    return dataclasses.replace(config, bits=dict(bits), groups=groups, per_channel=per_channel, symmetric=symmetric,
+                               rule=rule, errors=errors)
+
+
+def _check_copyable(model: nn.Module) -> None:
+    for name, module in model.named_modules():
+        if any(type(hook).__name__ == "WeightNorm" for hook in module._forward_pre_hooks.values()):
+            raise ValueError(
+                f"layer {name!r} uses the deprecated hook-based torch.nn.utils.weight_norm, whose weight torch "
+                "cannot copy; use torch.nn.utils.parametrizations.weight_norm (supported), or call "
+                "torch.nn.utils.remove_weight_norm on it first"
+            )
+
+
+def _check_has_data(model: nn.Module) -> None:
+    for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
+        if t.is_meta:
+            raise ValueError(f"the model has tensors on the meta device, without data ({name!r} is one); "
+                             "materialise it first (model.to_empty(device='cpu'), then load its weights)")
+
+
+def _check_dtype_holds_bits(model: nn.Module, bits: Dict[str, int], dtypes: Dict[str, Any]) -> None:
+    for name, b in bits.items():
+        dtype = dtypes.get(f"{name}.weight" if name else "weight")
+        if dtype is not None and b > max_bits_for(dtype):
+            raise ValueError(
+                f"layer {name!r}: a {str(dtype).replace('torch.', '')} weight cannot carry {b}-bit codes exactly "
+                f"(at most {max_bits_for(dtype)} bits); quantize a float32 copy (model.float()) instead"
+            )
+
+
+def _check_stored_grids(model: nn.Module, names: List[str], dtypes: Dict[str, Any]) -> None:
+    for name in names:
+        layer = model.get_submodule(name)
+        if layer.weight.dtype in LOW_PRECISION and qmodules.grid_codes(layer) is None:
+            raise ValueError(
+                f"layer {name!r}: its {str(layer.weight.dtype).replace('torch.', '')} weight cannot hold its "
+                f"{layer.mixquant_bits}-bit grid exactly (a range too narrow for the dtype); quantize a float32 "
+                "copy (model.float()) instead"
+            )
 
 
 def quantize(
@@ -240,6 +295,8 @@ def quantize(
     _check_bool(inplace, "inplace")
     if _already_quantized(model):
         raise ValueError("the model is already quantized; quantize a float model")
+    _check_has_data(model)
+    _check_copyable(model)
     config.check_model(model)
     for name, bits in config.bits.items():
         if not MIN_BITS <= bits <= MAX_BITS:
@@ -253,20 +310,29 @@ def quantize(
     x = y = None
     if calib_data is not None:
         x, y = collect_calib(calib_data, getattr(opts, "num_samples", None))
-        check_forward(model, x)
-    order = execution_order(model, list(config.bits), None if x is None else x[:2])
+
+    # The work happens on a copy in float32, with plain (materialised) weights.
+    qmodel = copy.deepcopy(model)
+    qmodel.eval()
+    materialize_weights(qmodel, config.bits)
+    dtypes = to_float32(qmodel)
+    if x is not None:
+        x = x.float() if x.dtype in LOW_PRECISION else x
+        check_forward(qmodel, x)
+    order = execution_order(qmodel, list(config.bits), None if x is None else x[:2])
 
     bits = dict(config.bits)
     if opts.keep_first_last_8bit and order:
         for name in {order[0], order[-1]}:
             bits[name] = max(bits[name], FIRST_LAST_BITS)
+    _check_dtype_holds_bits(qmodel, bits, dtypes)
     applied = _applied_config(config, model, bits, per_channel, symmetric)
     job = QuantJob(bits=bits, spec=applied.spec, act_bits=act_bits, order=order, calib_x=x, calib_y=y, seed=seed,
                    progress=progress)
 
-    qmodel = copy.deepcopy(model)
-    qmodel.eval()
     result = run(qmodel, job, opts)
+    restore_dtypes(qmodel, dtypes)
+    _check_stored_grids(qmodel, list(bits), dtypes)
     qmodel.eval()
     qmodel.mixquant_state = QuantState(
         method=method, config=applied, requested_bits=dict(config.bits), per_channel=per_channel,
@@ -278,5 +344,6 @@ def quantize(
     if inplace:
         model.__dict__.clear()
         model.__dict__.update(qmodel.__dict__)
+        model.__class__ = qmodel.__class__  # a parametrized model's class is rolled back too
         return model
     return qmodel

@@ -10,13 +10,12 @@ the result is a :class:`~mixquant.BitConfig`.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Mapping, Optional
 
 import numpy as np
 import torch.nn as nn
-
-import time
 
 from ..allocation.bitconfig import BitConfig
 from ..allocation.rules import DEFAULT_OBJECTIVE, OBJECTIVES, QEM_REFERENCES, budget_bits, qem_bits
@@ -28,8 +27,8 @@ from ..allocation.sensitivity import (
     measure_sensitivity,
 )
 from ..allocation.tables import error_tables, table_dict
+from ..core.limits import DEFAULT_CANDIDATES, DEFAULT_P, MAX_BITS
 from ..nn.batches import collect_batches, provenance
-from ..core.limits import DEFAULT_CANDIDATES, DEFAULT_P
 from ..core.spec import QuantizerSpec
 from ..core.tensors import check_bit_list, check_bits
 from ..nn.layers import FilterFn, channel_axis, find_layers
@@ -184,6 +183,8 @@ def _check_rule(qem, ref_bits, qem_reference, avg_bits, max_bytes, objective, se
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float, np.number))
                                   or not math.isfinite(value) or value <= 0):
             raise ValueError(f"{label} must be a positive finite number, got {value!r}")
+    if avg_bits is not None and avg_bits > MAX_BITS:  # a bit config could not record it (and it bounds nothing)
+        raise ValueError(f"avg_bits must be at most {MAX_BITS} (the widest bit-width), got {avg_bits!r}")
     check_bits(ref_bits, "ref_bits")
     return sensitivity, objective
 

@@ -33,7 +33,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, ImportError) as exc:
+    except (ValueError, TypeError, OSError, ImportError) as exc:  # OSError: missing, unwritable, a directory, ...
         print(f"mixquant {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

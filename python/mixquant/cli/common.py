@@ -17,7 +17,8 @@ __all__ = ["MODEL_HELP", "DATA_HELP", "load_model", "load_inputs", "load_calib",
 def add_trust_file_option(p: argparse.ArgumentParser) -> None:
     """The --trust-file switch of every command that loads MODEL."""
     p.add_argument("--trust-file", action="store_true",
-                   help="allow unpickling a whole module from MODEL (can run code from the file; only for trusted files)")
+                   help="allow loading MODEL from a TorchScript file or a pickled whole module; both can run code "
+                   "from the file when loaded, so only for files from a source you trust")
 
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -100,8 +101,15 @@ def _load_folder(folder: str, image_size: int, resize: Optional[int]) -> torch.T
     resize = resize or int(round(image_size * 256 / 224))
     out = []
     for f in files:
-        with Image.open(os.path.join(folder, f)) as im:
-            out.append(imagenet_preprocess(im.convert("RGB"), resize=resize, size=image_size))
+        path = os.path.join(folder, f)
+        if not os.path.isfile(path):  # a folder or FIFO named like an image
+            raise ValueError(f"{path!r} is not a regular file; the image folder may hold only image files")
+        try:
+            with Image.open(path) as im:
+                out.append(imagenet_preprocess(im.convert("RGB"), resize=resize, size=image_size))
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            # PIL reports unreadable or damaged images as OSError (UnidentifiedImageError), ValueError or SyntaxError.
+            raise ValueError(f"{path!r} is not a readable image ({type(exc).__name__}: {exc})") from None
     return torch.stack(out)
 
 

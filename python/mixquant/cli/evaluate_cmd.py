@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
 import torch
 
+from ..io.files import check_destination, write_text_atomic
 from .common import DATA_HELP, MODEL_HELP, add_data_options, add_trust_file_option, load_inputs, load_model
 
 
@@ -73,8 +73,8 @@ def evaluate_files(model_spec: str, qpath: str, x: torch.Tensor, y=None, *, batc
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.json and os.path.exists(args.json) and not args.overwrite:
-        raise FileExistsError(f"{args.json!r} exists; pass --overwrite to replace it")
+    if args.json:
+        check_destination(args.json, args.overwrite)  # before the work, not after it
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError("--threads must be >= 1")
@@ -90,10 +90,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"top-1 agreement with the float model: {100 * res['agreement']:.2f} %")
     print(f"mean KL(float || quantized): {res['kl']:.5f} nats")
     if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump(res, fh, indent=1)
-            fh.write("\n")
-        os.replace(tmp, args.json)
+        write_text_atomic(args.json, json.dumps(res, indent=1) + "\n", args.overwrite)
         print(f"wrote {args.json}")
     return 0

@@ -90,9 +90,14 @@ def run(args: argparse.Namespace) -> int:
     if args.study == "sensitivity":
         return _run_sensitivity(args)
     from ..experiments.report import write_report
+    from ..io.files import check_destination
 
     report = os.path.join(args.out, "RESULTS.md")
     data = os.path.join(args.out, "results.json")
+    if os.path.lexists(args.out) and not os.path.isdir(args.out):
+        raise FileExistsError(f"--out {args.out!r} exists and is not a folder")
+    if not os.path.lexists(args.out):
+        check_destination(args.out)  # its parent folder exists and is writable
     if args.report_only:
         from ..experiments.runner import merge_results
 
@@ -100,11 +105,15 @@ def run(args: argparse.Namespace) -> int:
         same = any(os.path.abspath(p) == os.path.abspath(data) for p in args.report_only)
         if not args.overwrite and (os.path.exists(report) or (os.path.exists(data) and not same)):
             raise FileExistsError(f"{args.out!r} already holds a report; pass --overwrite to replace it")
+        for path in (report, data):
+            if os.path.lexists(path):
+                check_destination(path, overwrite=True)  # a regular file or symlink, replaced atomically
     else:
-        if not args.overwrite:
-            for path in (report, data):
-                if os.path.exists(path):
+        for path in (report, data):
+            if os.path.lexists(path):
+                if not args.overwrite:
                     raise FileExistsError(f"{path!r} exists; pass --overwrite to replace it, or choose another --out")
+                check_destination(path, overwrite=True)
         if not args.no_plots:
             from ..experiments.plots import require_matplotlib
 

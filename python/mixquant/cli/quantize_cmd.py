@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 import torch
 
@@ -34,7 +33,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the random draws (default 0)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     add_data_options(p)
-    p.add_argument("--out", required=True, help="where to write the quantized model (.safetensors)")
+    p.add_argument("--format", choices=["safetensors", "onnx"], default="safetensors",
+                   help="safetensors: packed codes for mixquant.load_quantized (default); onnx: a QDQ graph for "
+                        "ONNX Runtime (needs onnx and onnxscript; traced on one --calib sample or --input-shape)")
+    p.add_argument("--input-shape", default=None, metavar="N,C,H,W",
+                   help="onnx: shape of the example input to trace (default: the first --calib sample)")
+    p.add_argument("--out", required=True, help="where to write the quantized model (.safetensors or .onnx)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     add_trust_file_option(p)
     p.set_defaults(func=run)
@@ -44,9 +48,9 @@ def run(args: argparse.Namespace) -> int:
     from ..allocation.bitconfig import BitConfig
     from ..api.quantize import quant_info, quantize
     from ..io.export import export
+    from ..io.files import check_destination
 
-    if os.path.exists(args.out) and not args.overwrite:
-        raise FileExistsError(f"{args.out!r} exists; pass --overwrite to replace it")
+    check_destination(args.out, args.overwrite)  # before the work, not after it
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError("--threads must be >= 1")
@@ -60,6 +64,23 @@ def run(args: argparse.Namespace) -> int:
     elif args.method == "brecq" or args.act_bits is not None:
         raise ValueError(f"--calib is required with --method {args.method}" if args.method == "brecq"
                          else "--calib is required with --act-bits")
+    example = None
+    if args.format == "onnx":
+        if args.input_shape:
+            try:
+                shape = [int(d) for d in args.input_shape.split(",")]
+            except ValueError:
+                raise ValueError(f"--input-shape must be comma-separated sizes like 1,3,224,224, "
+                                 f"got {args.input_shape!r}") from None
+            if not shape or min(shape) < 1:
+                raise ValueError(f"--input-shape sizes must be >= 1, got {args.input_shape!r}")
+            example = torch.zeros(shape)
+        elif calib is not None:
+            example = (calib if isinstance(calib, torch.Tensor) else calib[0][0])[:1]
+        else:
+            raise ValueError("--format onnx needs an example input: --calib or --input-shape")
+    elif args.input_shape:
+        raise ValueError("--input-shape only applies to --format onnx")
     options = {}
     if args.method == "brecq":
         for name in ("iters", "act_iters", "num_samples", "batch_size"):
@@ -73,6 +94,13 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"{', '.join(given)} only apply to --method brecq")
     qmodel = quantize(model, config, args.method, calib_data=calib, act_bits=args.act_bits,
                       per_channel=args.per_channel, seed=args.seed, progress=True, **options)
+    if args.format == "onnx":
+        from ..io.onnx_export import export_onnx
+
+        onnx_info = export_onnx(qmodel, args.out, example, overwrite=args.overwrite)  # atomic as well
+        print(quant_info(qmodel))
+        print(onnx_info.table())
+        return 0
     info = export(qmodel, args.out, overwrite=args.overwrite)  # atomic: temporary file + rename
     print(quant_info(qmodel))
     print(f"wrote {args.out} ({info.file_bytes} bytes: {info.quantized_bytes} of packed weights, scales and "

@@ -87,7 +87,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..api.search import search
+    from ..io.files import check_destination
 
+    check_destination(args.out, args.overwrite)  # before the work, not after it
     model = load_model(args.model, trust_file=args.trust_file)
     calib = load_calib(args.calib, image_size=args.image_size, resize=args.resize) if args.calib else None
     config = search(

@@ -1,4 +1,4 @@
-"""Tensor kernels: fake quantization, integer codes, dequantization, bit packing.
+"""Tensor kernels: fake quantization, integer codes, dequantization, bit packing, unpack-and-dequantize.
 
 Every function takes torch tensors (CPU or not, any float dtype, contiguous or
 not) and a ``backend`` argument (``"native"``, ``"reference"`` or ``None`` for
@@ -9,7 +9,8 @@ scales and zero points is :mod:`mixquant.core.ranges`' job.
 
 from __future__ import annotations
 
-from typing import Optional, Union
+import math
+from typing import NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -27,6 +28,9 @@ __all__ = [
     "dequantize_tensor",
     "pack_bits",
     "unpack_bits",
+    "unpack_dequantize",
+    "PackedLayout",
+    "packed_layout",
 ]
 
 
@@ -141,3 +145,118 @@ def unpack_bits(packed: Union[Tensor, np.ndarray, bytes], bits: int, n: int, *, 
         return native().unpack_bits(buf, bits, int(n))
     out = reference.unpack_bits(torch.from_numpy(buf), bits, int(n)).numpy()
     return out if bits <= 8 else out.astype(np.uint16)
+
+
+class PackedLayout(NamedTuple):
+    """How the flat codes of a weight map to its scales: ``[outer, channels, inner]``, blocks along ``inner``.
+
+    Element ``(a, c, r)`` (flat index ``(a * channels + c) * inner + r``) uses
+    parameter ``c * groups + r // block``, ``groups = max(1, ceil(inner / block))``.
+    """
+
+    outer: int
+    channels: int
+    inner: int
+    block: int
+
+    @property
+    def numel(self) -> int:
+        return self.outer * self.channels * self.inner
+
+    @property
+    def groups(self) -> int:
+        """Parameter sets per channel."""
+        return max(1, -(-self.inner // self.block))
+
+
+def packed_layout(shape: Sequence[int], ch_axis: int, num_params: int, block_size: Optional[int] = None) -> PackedLayout:
+    """The layout of a weight of ``shape`` with ``num_params`` scales.
+
+    One parameter: per tensor. ``shape[ch_axis]`` parameters: per channel
+    along ``ch_axis``. With ``block_size``: ``ceil(inner / block_size)``
+    parameters per channel, blocks running along the contiguous extent after
+    ``ch_axis`` (for ``ch_axis = 0`` the row of the ``[C, K]`` matrix).
+    """
+    shape = tuple(int(d) for d in shape)
+    if not shape or any(d < 0 for d in shape):
+        raise ValueError(f"shape must be a non-empty tuple of sizes >= 0, got {shape}")
+    if isinstance(ch_axis, bool) or not isinstance(ch_axis, int) or not -len(shape) <= ch_axis < len(shape):
+        raise ValueError(f"ch_axis={ch_axis!r} is out of range for shape {shape}")
+    ch_axis %= len(shape)
+    n = math.prod(shape)
+    if block_size is None and num_params == 1:
+        return PackedLayout(1, 1, n, max(n, 1))
+    outer, channels, inner = math.prod(shape[:ch_axis]), shape[ch_axis], math.prod(shape[ch_axis + 1:])
+    if block_size is None:
+        if num_params != channels:
+            raise ValueError(f"{num_params} scales fit neither per tensor (1) nor per channel "
+                             f"({channels} along axis {ch_axis}) for shape {shape}")
+        return PackedLayout(outer, channels, inner, max(inner, 1))
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or not 1 <= block_size <= max(inner, 1):
+        raise ValueError(f"block_size must be an int in 1..{max(inner, 1)}, got {block_size!r}")
+    layout = PackedLayout(outer, channels, inner, block_size)
+    if num_params != channels * layout.groups:
+        raise ValueError(f"blocks of {block_size} need {channels * layout.groups} scales for shape {shape} "
+                         f"along axis {ch_axis}, got {num_params}")
+    return layout
+
+
+def _packed_bytes(packed: Union[Tensor, np.ndarray, bytes]) -> Tensor:
+    if isinstance(packed, (bytes, bytearray, memoryview)):
+        packed = torch.frombuffer(bytearray(packed), dtype=torch.uint8)
+    elif isinstance(packed, np.ndarray):
+        packed = torch.from_numpy(packed)
+    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8:
+        raise TypeError(f"packed must be uint8 bytes, got {getattr(packed, 'dtype', type(packed).__name__)}")
+    return packed.reshape(-1)
+
+
+def unpack_dequantize(
+    packed: Union[Tensor, np.ndarray, bytes], bits: int, shape: Sequence[int], scale: Tensor, zero_point: Tensor,
+    *, ch_axis: int = 0, block_size: Optional[int] = None, out: Optional[Tensor] = None,
+    backend: Optional[str] = None, num_threads: Optional[int] = None,
+) -> Tensor:
+    """Float32 weight of ``shape`` from codes packed by :func:`pack_bits`: ``(code - zero_point) * scale``.
+
+    The codes are the weight's elements in memory order, ``bits`` each,
+    LSB-first. ``scale``/``zero_point`` hold one value (per tensor),
+    ``shape[ch_axis]`` values (per channel) or, with ``block_size``, that many
+    times ``ceil(inner / block_size)`` (blocked; see :func:`packed_layout`).
+    The result equals unpacking and then :func:`dequantize_tensor` bit for bit,
+    in one pass (natively: SIMD unpacking into an L1 buffer, then the dequantize
+    kernel). ``out`` (a contiguous float32 CPU tensor of ``numel`` elements)
+    receives the values in place. A CUDA ``packed`` is decoded on its device by
+    the reference path.
+    """
+    bits = check_bits(bits)
+    buf = _packed_bytes(packed)
+    scale_t = torch.as_tensor(scale)
+    layout = packed_layout(shape, ch_axis, scale_t.numel(), block_size)
+    n = layout.numel
+    if buf.numel() < (n * bits + 7) // 8:
+        raise ValueError(f"packed holds {buf.numel()} bytes, {n} codes of {bits} bits need {(n * bits + 7) // 8}")
+    s, z = check_qparams(scale_t, zero_point, scale_t.numel(), 2**bits - 1)
+    if out is not None and (not isinstance(out, torch.Tensor) or out.dtype != torch.float32 or out.device.type != "cpu"
+                            or not out.is_contiguous() or out.numel() != n):
+        raise ValueError(f"out must be a contiguous float32 CPU tensor of {n} elements")
+    dst = decode_packed(buf, bits, layout, s, z, out=out, backend=backend, num_threads=num_threads)
+    return dst.view(tuple(int(d) for d in shape))
+
+
+def decode_packed(
+    packed: Tensor, bits: int, layout: PackedLayout, scale: Tensor, zero_point: Tensor, *,
+    out: Optional[Tensor] = None, backend: Optional[str] = None, num_threads: Optional[int] = None,
+) -> Tensor:
+    """:func:`unpack_dequantize` without the Python-side checks, for arguments validated once (flat result).
+
+    The packed-weight runtime calls it on every forward. The native binding still
+    checks sizes, ranges and scales itself, so bad arguments raise ValueError
+    rather than touch memory they should not; the reference path trusts them.
+    """
+    if resolve_backend(backend) == "native" and packed.device.type == "cpu":
+        dst = torch.empty(layout.numel, dtype=torch.float32) if out is None else out
+        native().unpack_dequantize(packed.contiguous().numpy(), bits, *layout, scale.contiguous().numpy(),
+                                   zero_point.contiguous().numpy(), resolve_threads(num_threads), dst.numpy())
+        return dst
+    values = reference.unpack_dequantize(packed, bits, *layout, scale, zero_point)
+    return values if out is None else out.copy_(values.reshape(out.shape))

@@ -30,6 +30,7 @@ __all__ = [
     "clip_search",
     "pack_bits",
     "unpack_bits",
+    "unpack_dequantize",
 ]
 
 
@@ -177,10 +178,31 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """Inverse of :func:`pack_bits`: ``n`` codes (uint8 for bits <= 8, else int32)."""
+    """Inverse of :func:`pack_bits`: ``n`` codes (uint8 for bits <= 8, else int32), on ``packed``'s device."""
     if packed.numel() * 8 < n * bits:
         raise ValueError(f"packed buffer holds {packed.numel()} bytes, {(n * bits + 7) // 8} needed")
-    stream = (packed.reshape(-1, 1).to(torch.int64) >> torch.arange(8, dtype=torch.int64)) & 1
+    dev = packed.device
+    stream = (packed.reshape(-1, 1).to(torch.int64) >> torch.arange(8, dtype=torch.int64, device=dev)) & 1
     stream = stream.reshape(-1)[: n * bits].view(n, bits)
-    codes = (stream << torch.arange(bits, dtype=torch.int64)).sum(dim=1)
+    codes = (stream << torch.arange(bits, dtype=torch.int64, device=dev)).sum(dim=1)
     return codes.to(torch.uint8 if bits <= 8 else torch.int32)
+
+
+def unpack_dequantize(
+    packed: torch.Tensor, bits: int, outer: int, channels: int, inner: int, block: int,
+    scale: torch.Tensor, zp: torch.Tensor,
+) -> torch.Tensor:
+    """Float32 ``(code - zp) * scale`` of ``outer * channels * inner`` packed codes (flat).
+
+    Element ``(a, c, r)`` of the ``[outer, channels, inner]`` layout takes the
+    parameters ``scale[c * G + r // block]``, ``G = max(1, ceil(inner / block))``.
+    """
+    n = outer * channels * inner
+    codes = unpack_bits(packed, bits, n).to(torch.float32).view(outer, channels, inner)
+    groups = max(1, -(-inner // block))
+    dev = packed.device
+    index = (torch.arange(channels, device=dev).view(-1, 1) * groups
+             + torch.arange(inner, device=dev).view(1, -1) // block)
+    s = scale.reshape(-1).to(device=dev, dtype=torch.float32)[index]
+    z = zp.reshape(-1).to(device=dev, dtype=torch.float32)[index]
+    return ((codes - z) * s).reshape(-1)

@@ -27,6 +27,8 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
+from ..io.files import check_destination, write_text_atomic
+
 __all__ = ["DemoSettings", "run_demo", "REPORT_FILES", "DEFAULT_OUT"]
 
 DEFAULT_OUT = "mixquant-report"
@@ -55,13 +57,18 @@ class DemoSettings:
 
 
 def _check_out(out: str, overwrite: bool) -> None:
-    if os.path.exists(out):
+    """Every file of the report can be written (checked before the work)."""
+    if os.path.lexists(out):
         if not os.path.isdir(out):
             raise FileExistsError(f"{out!r} exists and is not a folder")
-        existing = [f for f in REPORT_FILES if os.path.exists(os.path.join(out, f))]
+        existing = [f for f in REPORT_FILES if os.path.lexists(os.path.join(out, f))]
         if existing and not overwrite:
             raise FileExistsError(f"{out!r} already holds a report ({', '.join(existing)}); pass --overwrite "
                                   "to replace it, or choose another --out")
+        for f in REPORT_FILES:
+            check_destination(os.path.join(out, f), overwrite)
+    else:
+        check_destination(out)  # its parent folder exists and is writable
 
 
 def _metrics(logits: torch.Tensor, fp: torch.Tensor, y: torch.Tensor, center: torch.Tensor) -> Dict[str, float]:
@@ -186,7 +193,7 @@ def run_demo(out: str = DEFAULT_OUT, *, overwrite: bool = False, quick: bool = F
     t0 = time.perf_counter()
     log(f"[5/5] writing the report to {out}/")
     os.makedirs(out, exist_ok=True)
-    config.save(os.path.join(out, "bits.json"), overwrite=True)
+    config.save(os.path.join(out, "bits.json"), overwrite=overwrite)
     report = {
         "model": "mobilenet_v2", "avg_bits": settings.avg_bits, "seed": seed, "quick": quick,
         "settings": {"photos": len(photos), "views": settings.views, "eval_images": int(x.shape[0]),
@@ -210,11 +217,8 @@ def run_demo(out: str = DEFAULT_OUT, *, overwrite: bool = False, quick: bool = F
     timings["report"] = round(time.perf_counter() - t0, 2)
     timings["total"] = round(time.perf_counter() - t_start, 2)
     report["timings_s"] = timings
-    with open(os.path.join(out, "report.json"), "w") as fh:
-        json.dump(report, fh, indent=1)
-        fh.write("\n")
-    with open(os.path.join(out, "report.md"), "w") as fh:
-        fh.write(_markdown(report, table))
+    write_text_atomic(os.path.join(out, "report.json"), json.dumps(report, indent=1) + "\n", overwrite)
+    write_text_atomic(os.path.join(out, "report.md"), _markdown(report, table), overwrite)
     log(f"done in {timings['total']:.0f} s; report: {os.path.abspath(os.path.join(out, 'report.md'))}")
     return report
 

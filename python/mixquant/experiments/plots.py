@@ -7,9 +7,12 @@
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from typing import Any, Dict, List, Sequence, Tuple
+
+from ..io.files import write_bytes_atomic
 
 __all__ = ["require_matplotlib", "pareto_plot", "allocation_plot", "heatmap_plot", "comparison_plot", "write_model_plots",
            "is_png", "PNG_SIGNATURE"]
@@ -185,8 +188,12 @@ def heatmap_plot(model: str, info: Dict[str, Any], records: Sequence[Dict[str, A
 
 def _save(fig: Any, plt: Any, path: str) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png", dpi=110)
+    finally:
+        plt.close(fig)
+    write_bytes_atomic(path, buf.getvalue(), overwrite=True)  # a plot belongs to its report: replaced with it
     return path
 
 

@@ -12,6 +12,8 @@ import os
 import re
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from ..io.files import write_text_atomic
+
 __all__ = ["write_report", "render_report", "aggregate", "head_to_head_rows", "NOTES_START", "NOTES_END"]
 
 NOTES_START = "<!-- notes:start -->"
@@ -472,8 +474,5 @@ def write_report(results: Dict[str, Any], out_dir: str, *, report_name: str = "R
     if notes is None:
         notes = _existing_notes(report_path)
     text = render_report(results, img_rel=img_dir, notes=notes, plots=made)
-    tmp = report_path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, report_path)
+    write_text_atomic(report_path, text, overwrite=True)  # the caller decided whether to replace a report
     return {"report": report_path, "json": json_path, "plots": made}

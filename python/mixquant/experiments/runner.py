@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..io.files import write_text_atomic
 from .setups import SCALES, SETUP_NAMES, EvalData, Scale, Setup, build_setup, first_last_layers
 
 __all__ = ["Job", "METHODS", "RECORD_KEYS", "run_experiments", "plan_jobs", "machine_info",
@@ -412,13 +413,9 @@ def _run(models, methods, seeds, scale, out, log, command) -> Dict[str, Any]:
 
 
 def save_results(results: Dict[str, Any], path: str) -> None:
-    """Write ``results`` as JSON (atomically)."""
+    """Write ``results`` as JSON (atomically, replacing an older version of the same file)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as fh:
-        json.dump(results, fh, indent=1, default=_json_default)
-        fh.write("\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(results, indent=1, default=_json_default) + "\n", overwrite=True)
 
 
 def load_results(path: str) -> Dict[str, Any]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -35,11 +36,15 @@ import torch.nn as nn
 
 from ..allocation.bitconfig import BitConfig
 from ..api.quantize import QuantState, _state, quantized_keys
-from ..core.kernels import pack_bits, quantize_tensor, unpack_bits
+from ..core.kernels import pack_bits, unpack_bits
 from ..core.limits import MAX_ACT_BITS, MAX_BITS, MIN_ACT_BITS, MIN_BITS
 from ..nn import qmodules
 from ..nn.fold import apply_fold_structure
-from .files import write_bytes_atomic
+from ..nn.layers import channel_axis
+from ..nn.packed import PACKED_KEY, pack_layer
+from ..nn.parametrized import materialize_weights
+from . import strict_json
+from .files import check_destination, read_regular, write_bytes_atomic
 
 __all__ = ["export", "load_quantized", "ExportInfo", "FORMAT", "VERSION"]
 
@@ -86,12 +91,8 @@ def _prefix(name: str) -> str:
 
 def _layer_codes(layer: nn.Module, name: str) -> torch.Tensor:
     """Integer codes of a quantized layer, checked to reproduce its stored weight exactly."""
-    w = layer.weight.detach().cpu().float()
-    scale = layer.weight_scale.detach().cpu()
-    zp = layer.weight_zero_point.detach().cpu()
-    bits, ch = layer.mixquant_bits, layer.mixquant_ch_axis
-    codes = quantize_tensor(w, scale, zp, bits, ch_axis=ch)
-    if not torch.equal(qmodules.dequantize_weight(codes, scale, zp, ch), w):
+    codes = qmodules.grid_codes(layer)
+    if codes is None:
         raise RuntimeError(
             f"layer {name!r}: its weight is no longer on its quantization grid (was it modified after quantize?)"
         )
@@ -110,6 +111,7 @@ def export(qmodel: nn.Module, path: PathLike, *, overwrite: bool = False) -> Exp
     """
     _, save_file = _safetensors()
     state = _state(qmodel)
+    path = check_destination(path, overwrite)  # before the packing work
     tensors: Dict[str, torch.Tensor] = {}
     layers_meta = {}
     packed_bytes = qparam_bytes = 0
@@ -125,7 +127,7 @@ def export(qmodel: nn.Module, path: PathLike, *, overwrite: bool = False) -> Exp
         qparam_bytes += 8 * layer.weight_scale.numel()
         layers_meta[name] = {"bits": bits, "shape": list(layer.weight.shape), "ch_axis": layer.mixquant_ch_axis,
                              "dtype": str(layer.weight.dtype).replace("torch.", "")}
-    skip = set(quantized_keys(state))
+    skip = set(quantized_keys(state)) | {_prefix(name) + PACKED_KEY for name in state.config.bits}
     float_bytes = 0
     for key, value in qmodel.state_dict().items():
         if key in skip:
@@ -148,15 +150,28 @@ def export(qmodel: nn.Module, path: PathLike, *, overwrite: bool = False) -> Exp
         "symmetric": json.dumps(state.symmetric),
         "requested_bits": json.dumps(state.requested_bits),
     }
-    path = os.fspath(path)
-    payload = save_file(tensors, metadata=metadata)
+    payload = _canonical(save_file(tensors, metadata=metadata))
     write_bytes_atomic(path, payload, overwrite)
     file_bytes = len(payload)
     header = file_bytes - packed_bytes - qparam_bytes - float_bytes
     return ExportInfo(path, file_bytes, packed_bytes, qparam_bytes, float_bytes, header)
 
 
+def _canonical(payload: bytes) -> bytes:
+    """The same safetensors file with its JSON header's keys sorted, so equal models give equal bytes.
+
+    The writer keeps metadata in a hash map whose order changes from call to
+    call; the tensor data (and every offset into it) is left as it is.
+    """
+    n = struct.unpack("<Q", payload[:8])[0]
+    header = json.loads(payload[8:8 + n])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # the data section stays 8-byte aligned
+    return struct.pack("<Q", len(text)) + text + payload[8 + n:]
+
+
 MAX_HEADER_BYTES = 100 * 2**20
+MAX_FILE_BYTES = 2**40
 _DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
                 "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 
@@ -165,28 +180,23 @@ def _bad(path: str, msg: str) -> ValueError:
     return ValueError(f"{path!r} is not a mixquant quantized-model file, or it is damaged: {msg}")
 
 
-def _check_layout(path: str) -> None:
-    """Check the safetensors framing ourselves before any tensor is read.
+def _check_layout(raw: bytes, path: str) -> dict:
+    """Check the safetensors framing of ``raw`` ourselves before any tensor is read; return the header.
 
     The header length, every tensor's dtype, shape and byte range must be
     consistent, and the byte ranges must tile the data section exactly (no
-    overlap, no gap, no trailing bytes).
+    overlap, no gap, no trailing bytes). The header is strict JSON of bounded depth.
     """
-    if os.path.isdir(path):
-        raise _bad(path, "it is a directory")
-    size = os.path.getsize(path)
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            raise _bad(path, f"only {size} bytes, shorter than the 8-byte header length")
-        n = struct.unpack("<Q", head)[0]
-        if n > min(size - 8, MAX_HEADER_BYTES):
-            raise _bad(path, f"header length {n} exceeds the file ({size} bytes)")
-        raw = fh.read(n)
+    size = len(raw)
+    if size < 8:
+        raise _bad(path, f"only {size} bytes, shorter than the 8-byte header length")
+    n = struct.unpack("<Q", raw[:8])[0]
+    if n > min(size - 8, MAX_HEADER_BYTES):
+        raise _bad(path, f"header length {n} exceeds the file ({size} bytes)")
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _bad(path, f"header is not JSON ({exc})") from None
+        header = strict_json.loads(raw[8:8 + n])
+    except ValueError as exc:
+        raise _bad(path, f"header: {exc}") from None
     if not isinstance(header, dict):
         raise _bad(path, "header is not a JSON object")
     spans = []
@@ -215,26 +225,33 @@ def _check_layout(path: str) -> None:
         position = end
     if 8 + n + position != size:
         raise _bad(path, f"data section holds {size - 8 - n} bytes, the tensors {position}")
+    return header
 
 
 def _read(path: str):
-    """Metadata and tensors of a safetensors file, every framing error as ValueError."""
-    safe_open, _ = _safetensors()
-    _check_layout(path)
+    """Metadata and tensors of a safetensors file, every framing error as ValueError.
+
+    The file is read once, from a descriptor checked to be a regular file (a
+    FIFO is refused, not waited on), and parsed from those bytes.
+    """
+    raw = read_regular(path, MAX_FILE_BYTES, "quantized-model file")
+    header = _check_layout(raw, path)
     try:
-        with safe_open(path, framework="pt") as fh:
-            return dict(fh.metadata() or {}), {key: fh.get_tensor(key) for key in fh.keys()}
+        from safetensors.torch import load as load_bytes
+
+        tensors = load_bytes(raw)
     except Exception as exc:  # the reader's own errors: one type for the caller
         raise _bad(path, str(exc)) from None
+    return dict(header.get("__metadata__", {})), tensors
 
 
 def _meta(metadata: Dict[str, str], key: str, path: str):
     if key not in metadata:
         raise _bad(path, f"metadata entry {key!r} is missing")
     try:
-        return json.loads(metadata[key])
-    except json.JSONDecodeError as exc:
-        raise _bad(path, f"metadata entry {key!r} is not valid JSON ({exc})") from None
+        return strict_json.loads(metadata[key])
+    except ValueError as exc:  # invalid, or nested deeper than any file export writes
+        raise _bad(path, f"metadata entry {key!r}: {exc}") from None
 
 
 def _bits_map(value, what: str, path: str, lo: int, hi: int) -> Dict[str, int]:
@@ -246,8 +263,8 @@ def _bits_map(value, what: str, path: str, lo: int, hi: int) -> Dict[str, int]:
     return value
 
 
-def _layer_tensors(tensors, name: str, spec, config: BitConfig, path: str):
-    """The codes, scale and zero point of one layer, each checked against the config."""
+def _layer_tensors(tensors, name: str, spec, config: BitConfig, layer: nn.Module, path: str):
+    """The codes, scale and zero point of one layer, each checked against the config and the model's layer."""
     if not isinstance(spec, dict):
         raise _bad(path, f"layer {name!r}: entry must be an object")
     bits, shape, axis = spec.get("bits"), spec.get("shape"), spec.get("ch_axis")
@@ -255,8 +272,13 @@ def _layer_tensors(tensors, name: str, spec, config: BitConfig, path: str):
         raise _bad(path, f"layer {name!r}: bits {bits!r} disagree with the config ({config.bits[name]})")
     if not isinstance(shape, list) or tuple(shape) != tuple(config.shapes[name]):
         raise _bad(path, f"layer {name!r}: shape {shape!r} disagrees with the config {config.shapes[name]}")
-    if not isinstance(axis, int) or isinstance(axis, bool) or not 0 <= axis < len(shape):
-        raise _bad(path, f"layer {name!r}: invalid channel axis {axis!r}")
+    if not isinstance(axis, int) or isinstance(axis, bool) or axis != channel_axis(layer):
+        raise _bad(path, f"layer {name!r}: channel axis {axis!r} is not the {type(layer).__name__}'s "
+                         f"({channel_axis(layer)})")
+    dtype = str(layer.weight.dtype).replace("torch.", "")
+    if spec.get("dtype") != dtype:
+        raise _bad(path, f"layer {name!r}: the file holds a {spec.get('dtype')!r} weight, the model's is {dtype} "
+                         "(convert the model to the exported dtype first)")
     p = _prefix(name)
     try:
         packed, scale, zp = (tensors.pop(p + k) for k in (PACKED_SUFFIX, "weight_scale", "weight_zero_point"))
@@ -276,11 +298,52 @@ def _layer_tensors(tensors, name: str, spec, config: BitConfig, path: str):
         raise _bad(path, f"layer {name!r}: scales must be finite and positive")
     if (zp < 0).any() or (zp > 2**bits - 1).any():
         raise _bad(path, f"layer {name!r}: zero points must lie in [0, {2**bits - 1}]")
-    codes = torch.from_numpy(unpack_bits(packed.numpy(), bits, n).astype("int32")).reshape(shape)
-    return codes, scale, zp, bits, axis
+    return packed, scale, zp, bits, axis
 
 
-def load_quantized(path: PathLike, model: nn.Module) -> nn.Module:
+def _unpacked(packed: torch.Tensor, bits: int, shape) -> torch.Tensor:
+    return torch.from_numpy(unpack_bits(packed.numpy(), bits, math.prod(shape)).astype("int32")).reshape(shape)
+
+
+def _check_act_owners(model: nn.Module, config: BitConfig, inputs: Dict[str, int], outputs: Dict[str, int]) -> None:
+    """Input quantizers sit on quantized layers; output quantizers on blocks that hold quantized layers."""
+    modules = dict(model.named_modules())
+    for name in inputs:
+        if name not in config.bits:
+            raise ValueError(f"an input quantizer names {name!r}, which is not a quantized layer")
+    for name in outputs:
+        if name not in modules:
+            raise ValueError(f"it has no module {name!r} for an output quantizer")
+        if name in config.bits or not any(n.startswith(_prefix(name)) and n != name for n in config.bits):
+            raise ValueError(f"an output quantizer names {name!r} ({type(modules[name]).__name__}), "
+                             "which is not a block of quantized layers")
+
+
+def _check_values(model: nn.Module, tensors: Dict[str, torch.Tensor], inputs: Dict[str, int],
+                  outputs: Dict[str, int], path: str) -> None:
+    """Every value the file holds is usable: finite floats, BN variances >= 0, activation grids that exist."""
+    for key, value in tensors.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise _bad(path, f"tensor {key!r} holds NaN or Inf")
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+            var = tensors.get(_prefix(name) + "running_var")
+            if var is not None and bool((var < 0).any()):
+                raise _bad(path, f"batch norm {name!r}: running_var holds negative values")
+    for owners, attr in ((inputs, qmodules.INPUT_QUANTIZER), (outputs, qmodules.OUTPUT_QUANTIZER)):
+        for name, bits in owners.items():
+            key = f"{_prefix(name)}{attr}"
+            scale, zp = tensors.get(key + ".scale"), tensors.get(key + ".zero_point")
+            if scale is None or zp is None:
+                raise _bad(path, f"activation quantizer {key!r}: its scale or zero point is missing")
+            if not bool((scale >= torch.finfo(torch.float32).tiny).all()):
+                raise _bad(path, f"activation quantizer {key!r}: scale {scale.tolist()} is not positive")
+            if not bool(((zp == zp.round()) & (zp >= 0) & (zp <= 2**bits - 1)).all()):
+                raise _bad(path, f"activation quantizer {key!r}: zero point {zp.tolist()} is not an integer "
+                                 f"in [0, {2**bits - 1}]")
+
+
+def load_quantized(path: PathLike, model: nn.Module, *, packed: bool = False) -> nn.Module:
     """Rebuild a quantized model from :func:`export`'s file into ``model``, a fresh float instance of the architecture.
 
     ``model`` is modified in place (batch norms folded structurally, weights
@@ -289,19 +352,33 @@ def load_quantized(path: PathLike, model: nn.Module) -> nn.Module:
     same device. Every field of the file is validated first: a damaged,
     tampered or foreign file, or one that does not fit ``model``, raises
     ValueError and leaves ``model`` untouched (the work is done on a copy).
+
+    With ``packed=True`` the quantized layers keep their codes packed at
+    their bit-width (``weight_packed``, plus scales and zero points) and decode
+    their weight in every forward with the native unpack-and-dequantize kernel
+    (:mod:`mixquant.nn.packed`): the model holds about ``BitConfig.size_bytes``
+    for those layers instead of 4 bytes a weight, and its outputs are
+    bit-identical to the unpacked model's.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(packed, bool):
+        raise TypeError(f"packed must be a bool, got {type(packed).__name__}")
     if hasattr(model, "mixquant_state"):
         raise ValueError("model is already quantized; pass a fresh float instance")
+    meta = next((n for n, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta), None)
+    if meta is not None:
+        raise ValueError(f"model has tensors on the meta device, without data ({meta!r} is one); build it on a "
+                         "real device, e.g. the CPU, before loading into it")
     path = os.fspath(path)
     metadata, tensors = _read(path)
     if metadata.get("format") != FORMAT:
         raise _bad(path, f"format {metadata.get('format')!r} is not {FORMAT!r}")
     if metadata.get("version") != str(VERSION):
         raise _bad(path, f"unsupported version {metadata.get('version')!r} (this mixquant reads {VERSION})")
+    config_dict = _meta(metadata, "config", path)
     try:
-        config = BitConfig.from_dict(_meta(metadata, "config", path))
+        config = BitConfig.from_dict(config_dict)
     except ValueError as exc:
         raise _bad(path, str(exc)) from None
     layers_meta = _meta(metadata, "layers", path)
@@ -325,22 +402,28 @@ def load_quantized(path: PathLike, model: nn.Module) -> nn.Module:
 
     work = copy.deepcopy(model)
     try:
+        materialize_weights(work, [n for n in config.bits if n in dict(work.named_modules())])
         config.check_model(work)
         apply_fold_structure(work, [tuple(pair) for pair in folded])
-        modules = dict(work.named_modules())
-        missing = [n for n in list(inputs) + list(outputs) if n not in modules]
-        if missing:
-            raise ValueError(f"it has no module {missing[0]!r} for an activation quantizer")
+        _check_act_owners(work, config, inputs, outputs)
     except (AttributeError, ValueError, TypeError) as exc:
         raise ValueError(f"{path!r} does not fit this model: {exc}") from None
     device = next((p.device for p in work.parameters()), torch.device("cpu"))
     state_dict: Dict[str, torch.Tensor] = {}
     for name in config.bits:
-        codes, scale, zp, bits, axis = _layer_tensors(tensors, name, layers_meta[name], config, path)
         layer = work.get_submodule(name)
-        qmodules.set_quantized_weight(layer, codes, scale, zp, bits, axis)
-        for key in ("weight", "weight_scale", "weight_zero_point"):
-            state_dict[_prefix(name) + key] = getattr(layer, key).detach()
+        codes, scale, zp, bits, axis = _layer_tensors(tensors, name, layers_meta[name], config, layer, path)
+        if packed:
+            try:
+                pack_layer(layer, codes, scale, zp, bits, axis, name)
+            except ValueError as exc:
+                raise ValueError(f"{path!r} cannot be loaded packed into this model: {exc}") from None
+            keys = (PACKED_KEY, "weight_scale", "weight_zero_point")
+        else:
+            qmodules.set_quantized_weight(layer, _unpacked(codes, bits, config.shapes[name]), scale, zp, bits, axis)
+            keys = ("weight", "weight_scale", "weight_zero_point")
+        for key in keys:
+            state_dict[_prefix(name) + key] = layer._buffers.get(key, layer._parameters.get(key)).detach()
     qmodules.attach_activations(work, inputs, outputs)
     expected = work.state_dict()
     for key, value in tensors.items():
@@ -349,6 +432,7 @@ def load_quantized(path: PathLike, model: nn.Module) -> nn.Module:
         if value.dtype != expected[key].dtype or value.shape != expected[key].shape:
             raise _bad(path, f"tensor {key!r} is {value.dtype} {tuple(value.shape)}, the model needs "
                              f"{expected[key].dtype} {tuple(expected[key].shape)}")
+    _check_values(work, tensors, inputs, outputs, path)
     state_dict.update(tensors)
     try:
         work.load_state_dict(state_dict, strict=True)
@@ -365,4 +449,5 @@ def load_quantized(path: PathLike, model: nn.Module) -> nn.Module:
     # Success: the caller's model object takes over the loaded contents.
     model.__dict__.clear()
     model.__dict__.update(work.__dict__)
+    model.__class__ = work.__class__  # a parametrized model's class is rolled back too
     return model

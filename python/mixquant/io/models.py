@@ -14,8 +14,10 @@ import torch.nn as nn
 MODEL_HELP = (
     "MODEL is 'package.module:factory' (a callable returning an nn.Module, called with no "
     "arguments), a TorchScript file (torch.jit.save), or a file written by torch.save of a whole "
-    "module. Files load with torch.load(weights_only=True), which cannot run code; a pickled whole "
-    "module needs --trust-file, because unpickling it can execute arbitrary code from the file."
+    "module. Both kinds of file can run code when loaded (unpickling executes what the pickle names; a "
+    "TorchScript module's __setstate__ runs on load), so they need --trust-file: pass it only for files "
+    "from a source you trust. A state_dict file (torch.save(model.state_dict())) never runs code, but "
+    "needs the architecture from a factory instead."
 )
 
 
@@ -40,7 +42,13 @@ def _looks_like_torch_save(path: str) -> bool:
 
 
 def load_model(spec: str, *, trust_file: bool = False) -> nn.Module:
-    """Load the model named by ``spec`` (see :data:`MODEL_HELP`), in eval mode."""
+    """Load the model named by ``spec`` (see :data:`MODEL_HELP`), in eval mode.
+
+    ``trust_file`` allows what can run code from a file: a TorchScript file and
+    a pickled whole module. Without it only the safe loader
+    (``torch.load(weights_only=True)``) ever sees the file, and a file that
+    needs more is a ValueError saying so.
+    """
     if os.path.exists(spec):
         if not os.path.isfile(spec):  # a directory, FIFO or device would hang or mislead the loaders
             raise ValueError(f"{spec!r} is not a regular file")
@@ -65,6 +73,12 @@ def _load_file(path: str, trust_file: bool) -> nn.Module:
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
         raise ValueError(f"{path!r} is not a readable model file: {exc}") from None
     if torchscript:
+        if not trust_file:
+            raise ValueError(
+                f"{path!r} is a TorchScript file, and loading one runs code stored in it (its __setstate__). "
+                "If it comes from a source you trust, pass --trust-file (trust_file=True); otherwise use a "
+                "state_dict and a 'package.module:factory'."
+            )
         with warnings.catch_warnings():  # torch marks TorchScript deprecated; the file is still valid
             warnings.simplefilter("ignore", DeprecationWarning)
             try:

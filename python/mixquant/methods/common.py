@@ -147,10 +147,24 @@ def plan_activations(
 
 @torch.no_grad()
 def observe_activations(model: nn.Module, x: torch.Tensor, batch_size: int, device: torch.device) -> None:
-    """Record min/max of every activation quantizer over ``x``, then set their scales (min/max rule)."""
+    """Record min/max of every activation quantizer over ``x``, then set their scales (min/max rule).
+
+    ValueError naming the quantized layer (or block) and the samples when an
+    activation holds NaN or Inf, which would otherwise give a NaN or default scale.
+    """
     qmodules.set_act_mode(model, "observe")
-    for xb in batches(x, batch_size, device):
+    for i, xb in enumerate(batches(x, batch_size, device)):
         model(xb)
+        bad = [name for name, q in qmodules.act_quantizers(model) if q.saw_nonfinite]
+        if bad:
+            owner, _, kind = bad[0].rpartition(".")
+            where = "input of layer" if kind == qmodules.INPUT_QUANTIZER else "output of"
+            raise ValueError(
+                f"calibration samples {i * batch_size}..{i * batch_size + xb.shape[0] - 1} give non-finite "
+                f"activations (NaN or Inf) at the {where} {owner!r}"
+                + (f" and {len(bad) - 1} more quantizer(s)" if len(bad) > 1 else "")
+                + "; activation ranges cannot be set from them"
+            )
     for _, q in qmodules.act_quantizers(model):
         if not torch.isfinite(q.min_val):  # never ran on the calibration data: range [0, 0]
             q.min_val.zero_()

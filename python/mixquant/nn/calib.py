@@ -22,6 +22,17 @@ def _split_batch(batch: Any, index: int) -> Tuple[torch.Tensor, Optional[torch.T
     )
 
 
+def _check_finite(x: torch.Tensor, index: int) -> None:
+    finite = torch.isfinite(x.detach())
+    if not bool(finite.all()):
+        bad = (~finite).reshape(x.shape[0], -1).any(1).nonzero()[0, 0].item() if x.dim() > 1 else None
+        where = f", the first in sample {bad}" if bad is not None else ""
+        raise ValueError(
+            f"calib_data batch {index} contains {int((~finite).sum())} non-finite value(s) (NaN or Inf){where}; "
+            "calibration data must be finite"
+        )
+
+
 def collect_calib(
     calib_data: Any, num_samples: Optional[int] = None
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -31,7 +42,7 @@ def collect_calib(
     or any iterable of batches, where a batch is a tensor or an
     ``(inputs, labels, ...)`` tuple. Iteration stops once ``num_samples``
     samples are gathered (None: all). ValueError for empty data, batches whose
-    sample shapes disagree, or non-float inputs; TypeError for anything else.
+    sample shapes disagree, non-float or non-finite (NaN/Inf) inputs; TypeError for anything else.
     """
     if calib_data is None:
         raise ValueError("calib_data is required here (a DataLoader, a tensor, or an iterable of batches)")
@@ -56,6 +67,7 @@ def collect_calib(
             )
         if y is not None and y.shape[0] != x.shape[0]:
             raise ValueError(f"calib_data batch {i}: {x.shape[0]} inputs but {y.shape[0]} labels")
+        _check_finite(x, i)
         xs.append(x.detach().cpu())
         ys.append(None if y is None else y.detach().cpu())
         count += x.shape[0]

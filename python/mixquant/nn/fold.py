@@ -21,7 +21,9 @@ from typing import Dict, List, Tuple
 import torch
 import torch.nn as nn
 
-__all__ = ["fold_bn", "fold_bn_pairs", "find_bn_pairs", "apply_fold_structure"]
+from .parametrized import materialize_weight
+
+__all__ = ["fold_bn", "fold_bn_pairs", "find_bn_pairs", "check_fold_pairs", "apply_fold_structure"]
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -91,15 +93,39 @@ def _set_child(model: nn.Module, fqn: str, module: nn.Module) -> None:
     setattr(parent, leaf, module)
 
 
+def check_fold_pairs(model: nn.Module, pairs: List[Tuple[str, str]]) -> None:
+    """ValueError unless every ``(layer, bn)`` pair names, in ``model``, a layer and a batch norm that fold.
+
+    Each name may appear once; the layer must be a conv/linear layer and the
+    batch norm one with running statistics and the layer's channel count, as
+    :func:`fold_bn_pairs` would have found them.
+    """
+    modules = dict(model.named_modules())
+    seen = set()
+    for layer_name, bn_name in pairs:
+        for name in (layer_name, bn_name):
+            if name in seen:
+                raise ValueError(f"folded batch norms: {name!r} appears twice")
+            seen.add(name)
+        layer, bn = modules.get(layer_name), modules.get(bn_name)
+        if layer is None or bn is None:
+            raise ValueError(f"folded batch norms: the model has no module {layer_name if layer is None else bn_name!r}")
+        if not _can_fold(layer, bn):
+            raise ValueError(f"folded batch norms: {bn_name!r} ({type(bn).__name__}) is not a batch norm that "
+                             f"folds into {layer_name!r} ({type(layer).__name__})")
+
+
 def apply_fold_structure(model: nn.Module, pairs: List[Tuple[str, str]]) -> None:
     """Make ``model`` look folded without computing anything: BN → Identity, layers get a bias.
 
-    Used when loading a quantized file, whose tensors already hold the folded values.
+    Used when loading a quantized file, whose tensors already hold the folded
+    values; the pairs are checked first (:func:`check_fold_pairs`).
     """
+    check_fold_pairs(model, pairs)
     for layer_name, bn_name in pairs:
         layer = model.get_submodule(layer_name)
         if layer.bias is None:
-            layer.bias = nn.Parameter(torch.zeros(_out_channels(layer), device=layer.weight.device))
+            layer.bias = nn.Parameter(torch.zeros(_out_channels(layer), device=layer.weight.device, dtype=layer.weight.dtype))
         _set_child(model, bn_name, nn.Identity())
 
 
@@ -129,7 +155,9 @@ def fold_bn_pairs(model: nn.Module) -> List[Tuple[str, str]]:
     """
     pairs = find_bn_pairs(model)
     for layer_name, bn_name in pairs:
-        _fold_one(model.get_submodule(layer_name), model.get_submodule(bn_name))
+        layer = model.get_submodule(layer_name)
+        materialize_weight(layer, layer_name)  # folding into a computed weight would change nothing
+        _fold_one(layer, model.get_submodule(bn_name))
         _set_child(model, bn_name, nn.Identity())
     return pairs
 

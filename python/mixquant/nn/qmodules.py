@@ -22,17 +22,19 @@ the float one, ``BitConfig.check_model`` still accepts it, and its
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterator, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
+from ..core.kernels import quantize_tensor
 from ..core.limits import MAX_ACT_BITS, MIN_ACT_BITS
 
 __all__ = [
     "ActQuantizer",
     "dequantize_weight",
     "set_quantized_weight",
+    "grid_codes",
     "attach_input_quantizer",
     "attach_output_quantizer",
     "act_quantizers",
@@ -92,6 +94,38 @@ def set_quantized_weight(
     layer.mixquant_ch_axis = int(ch_axis)
 
 
+def grid_codes(layer: nn.Module) -> Optional[torch.Tensor]:
+    """The integer codes (int64) of a quantized layer that reproduce its stored ``weight`` exactly, or None.
+
+    A float32 (or float64) weight holds its grid values exactly and rounding
+    recovers the codes. A float16/bfloat16 weight holds them rounded to its
+    dtype, which can move a value by up to a grid step at the widest grids
+    :func:`mixquant.nn.precision.max_bits_for` allows, so a code whose
+    dequantized value does not reproduce the weight is replaced by the
+    neighbour that does. None means the weight is not (or no longer) on its grid.
+    """
+    weight = layer.weight.detach()
+    scale, zp = layer.weight_scale.detach().cpu(), layer.weight_zero_point.detach().cpu()
+    bits, axis = layer.mixquant_bits, layer.mixquant_ch_axis
+    stored = weight.cpu()
+    codes = quantize_tensor(stored.float(), scale, zp, bits, ch_axis=axis).to(torch.int64)
+
+    def fits(c: torch.Tensor) -> torch.Tensor:
+        return dequantize_weight(c, scale, zp, axis).to(stored.dtype) == stored
+
+    ok = fits(codes)
+    if bool(ok.all()):
+        return codes
+    if stored.dtype in (torch.float32, torch.float64):
+        return None
+    for step in (-1, 1):
+        other = (codes + step).clamp(0, 2**bits - 1)
+        better = ~ok & fits(other)
+        codes = torch.where(better, other, codes)
+        ok |= better
+    return codes if bool(ok.all()) else None
+
+
 def is_quantized_layer(module: nn.Module) -> bool:
     """True when ``module`` carries quantized weights (see :func:`set_quantized_weight`)."""
     return hasattr(module, "mixquant_bits") and "weight_scale" in module._buffers
@@ -108,7 +142,8 @@ class ActQuantizer(nn.Module):
     ``forward`` depends on :attr:`mode`:
 
     * ``"off"``: identity;
-    * ``"observe"``: identity, recording the running min and max of what passes;
+    * ``"observe"``: identity, recording the running min and max of what passes
+      (a batch holding NaN/Inf is not recorded but sets :attr:`saw_nonfinite`);
     * ``"quant"``: ``(clamp(round(x / scale) + zero_point, 0, 2**bits - 1) - zero_point) * scale``
       with round half to even. When gradients are on, rounding is
       straight-through so ``scale`` learns LSQ-style (the zero point stays fixed).
@@ -129,11 +164,14 @@ class ActQuantizer(nn.Module):
         self.register_buffer("min_val", torch.tensor(math.inf), persistent=False)
         self.register_buffer("max_val", torch.tensor(-math.inf), persistent=False)
         self.mode = "quant"
+        self.saw_nonfinite = False  # set in "observe" mode by a batch holding NaN/Inf
 
     def set_mode(self, mode: str) -> None:
         """Switch between ``"off"``, ``"observe"`` and ``"quant"``."""
         if mode not in ACT_MODES:
             raise ValueError(f"mode must be one of {ACT_MODES}, got {mode!r}")
+        if mode == "observe":
+            self.saw_nonfinite = False
         self.mode = mode
 
     @torch.no_grad()
@@ -155,8 +193,12 @@ class ActQuantizer(nn.Module):
         if self.mode == "observe":
             with torch.no_grad():
                 d = x.detach()
-                self.min_val.copy_(torch.minimum(self.min_val, d.min().to(self.min_val)))
-                self.max_val.copy_(torch.maximum(self.max_val, d.max().to(self.max_val)))
+                lo, hi = d.min(), d.max()  # NaN propagates through both
+                if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
+                    self.saw_nonfinite = True  # the range stays as it was; the caller reports it
+                    return x
+                self.min_val.copy_(torch.minimum(self.min_val, lo.to(self.min_val)))
+                self.max_val.copy_(torch.maximum(self.max_val, hi.to(self.max_val)))
             return x
         scale = self.scale
         if torch.is_grad_enabled() and (scale.requires_grad or x.requires_grad):
