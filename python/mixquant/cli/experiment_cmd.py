@@ -64,6 +64,7 @@ def _run_sensitivity(args: argparse.Namespace) -> int:
 
     from ..allocation.sensitivity import DEFAULT_DATA_SENSITIVITY
     from ..experiments.sensitivity_study import STUDY_MODELS, render_sensitivity_report, run_sensitivity_study
+    from ..io.files import check_destination, write_text_atomic
 
     models = list(args.models) if args.models is not None else list(STUDY_MODELS)
     unknown = [m for m in models if m not in STUDY_MODELS]
@@ -72,14 +73,13 @@ def _run_sensitivity(args: argparse.Namespace) -> int:
                          f"{', '.join(STUDY_MODELS)}")
     data = os.path.join(args.out, "sensitivity.json")
     report = os.path.join(args.out, "sensitivity.md")
-    if os.path.exists(report) and not args.overwrite:
-        raise FileExistsError(f"{report!r} exists; pass --overwrite to replace it, or choose another --out")
     os.makedirs(args.out, exist_ok=True)
+    check_destination(report, args.overwrite)
     torch.set_num_threads(args.threads)
     command = "mixquant " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else ""
     results = run_sensitivity_study(models, args.methods, quick=args.quick, out=data)
-    with open(report, "w") as fh:
-        fh.write(render_sensitivity_report(results, DEFAULT_DATA_SENSITIVITY, command) + "\n")
+    write_text_atomic(report, render_sensitivity_report(results, DEFAULT_DATA_SENSITIVITY, command) + "\n",
+                      overwrite=args.overwrite)
     print(f"wrote {report} and {data}")
     return 0
 

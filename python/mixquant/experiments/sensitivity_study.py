@@ -28,6 +28,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from ..io.files import read_regular, write_text_atomic
+
 __all__ = ["STUDY_MODELS", "SELECTORS", "run_sensitivity_study", "render_sensitivity_report"]
 
 STUDY_MODELS = ("mobilenet_v2", "resnet20", "mnist_ccexam", "mnist_digit", "mpnet", "smollm2")
@@ -190,17 +192,13 @@ def run_sensitivity_study(
     from mixquant.api.search import choose, measure
 
     results: Dict[str, Any] = {"models": {}, "records": [], "measurements": {}}
-    if out and os.path.exists(out):
-        with open(out) as fh:
-            results = json.load(fh)
+    if out and os.path.exists(out):  # resume: the cells already done are kept
+        results = json.loads(read_regular(out, 2**30, "study results").decode("utf-8"))
     done = {(r["model"], r["method"], r["selector"], r["level"]) for r in results["records"]}
 
     def save() -> None:
         if out:
-            tmp = f"{out}.partial"
-            with open(tmp, "w") as fh:
-                json.dump(results, fh, indent=1)
-            os.replace(tmp, out)
+            write_text_atomic(out, json.dumps(results, indent=1) + "\n", overwrite=True)
 
     for name in models:
         t_model = time.perf_counter()

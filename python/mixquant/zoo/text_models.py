@@ -30,6 +30,7 @@ from typing import Any, List, Optional, Tuple
 import torch
 from torch import nn
 
+from ..io.files import concatenate_into, publish_folder
 from ._paths import INSTALL_HINT, MissingDataError, package_file
 
 __all__ = ["cache_dir", "SentenceEncoder", "CausalLM", "mpnet_encoder", "smollm2", "MPNET_PARTS", "SMOLLM2_SPEC"]
@@ -56,17 +57,6 @@ def _transformers():
                                f"(or run {_INSTALL_TFM})") from exc
     transformers.logging.set_verbosity_error()
     return transformers
-
-
-def _publish(tmp: str, final: str) -> str:
-    """Move a finished folder into place; another process may have won the race."""
-    try:
-        os.replace(tmp, final)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not os.path.isdir(final):
-            raise
-    return final
 
 
 def _mpnet_parts() -> List[str]:
@@ -104,19 +94,14 @@ def mpnet_folder() -> str:
     tmp = tempfile.mkdtemp(prefix=".mpnet-", dir=cache_dir())
     try:
         joined = os.path.join(tmp, "model.zip")
-        with open(joined, "wb") as out:
-            for p in parts:  # the five slices concatenated in order are one zip
-                with open(p, "rb") as fh:
-                    shutil.copyfileobj(fh, out, 16 << 20)
+        concatenate_into(parts, joined)  # the five slices concatenated in order are one zip
         with zipfile.ZipFile(joined) as archive:
             _safe_extract(archive, os.path.join(tmp, "x"))
         inner = os.path.join(tmp, "x", "all-mpnet-base-v2")
         if not os.path.isfile(os.path.join(inner, "model.safetensors")):
             raise MissingDataError("the all-mpnet-base-v2 archive does not hold model.safetensors; reinstall "
                                    f"its packages ({_INSTALL_TFM})")
-        staged = os.path.join(cache_dir(), f".mpnet-ready-{os.getpid()}")
-        os.replace(inner, staged)
-        return _publish(staged, final)
+        return publish_folder(inner, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -189,7 +174,7 @@ def smollm2_folder() -> str:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return _publish(tmp, final)
+    return publish_folder(tmp, final)
 
 
 def smollm2() -> Tuple[CausalLM, Any]:
