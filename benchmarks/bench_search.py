@@ -16,7 +16,10 @@ clipping search (80 ratios x 7 bit-widths) native vs reference, and a whole
 ``mixquant.search`` of ResNet-50. Two more groups look inside the native call
 (ResNet-50, per channel): ``levels`` times it on every SIMD level the machine
 has, ``shapes`` on each distinct layer shape alone, repeated on data that
-stays in cache (the cost per row shows on short rows).
+stays in cache (the cost per row shows on short rows). ``weighted`` times the weighted error
+table of the data-aware sensitivities (``_core.weighted_error_table``; one weight per column as
+for ``sensitivity="input"``, one per element as for ``"fisher"``) against the unweighted native
+call and against its reference twin.
 
     python benchmarks/bench_search.py --json out.json
 
@@ -44,7 +47,7 @@ from mixquant.io.files import write_text_atomic  # noqa: E402
 from resnets import resnet18, resnet50  # noqa: E402
 
 BITS = list(range(2, 9))
-GROUPS = ["table", "clip", "search", "levels", "shapes"]
+GROUPS = ["table", "clip", "search", "levels", "shapes", "weighted"]
 
 
 def median_time(fn: Callable[[], object], repeat: int) -> float:
@@ -101,6 +104,39 @@ def torch_loop(weights, per_channel: bool):
                 else:
                     fq = torch.fake_quantize_per_tensor_affine(m, float(scale), int(zp), 0, qmax)
                 float(((m - fq).double() ** 2).sum())
+    return run
+
+
+def weighted_with(weights, per_element: bool, backend: str, threads: int):
+    """The weighted table of every layer for the min/max quantizers (tables and weights prepared beforehand)."""
+    from mixquant.core.error import weighted_errors
+
+    g = torch.Generator().manual_seed(0)
+    tables = [mixquant.roundoff_error(w, BITS, per_channel=True) for w in weights]
+    vs = [torch.rand(w.shape if per_element else (w[0].numel(),), generator=g) for w in weights]
+
+    def run():
+        for w, v, t in zip(weights, vs, tables):
+            weighted_errors(w, v, t, backend=backend, num_threads=threads)
+    return run
+
+
+def weighted_kernel(weights, per_element: bool, threads: int):
+    """The bare native weighted call on prepared matrices, weights and parameters."""
+    from mixquant import _core
+
+    g = torch.Generator().manual_seed(0)
+    bits = np.asarray(BITS, dtype=np.int32)
+    jobs = []
+    for w in weights:
+        m = w.reshape(w.shape[0], -1).contiguous()
+        t = mixquant.roundoff_error(m, BITS, per_channel=True)
+        v = torch.rand(m.shape if per_element else (m.shape[1],), generator=g).numpy()
+        jobs.append((m.numpy(), v, t.scale, t.zero_point.astype(np.int64)))
+
+    def run():
+        for m, v, sc, zp in jobs:
+            _core.weighted_error_table(m, v, sc, zp, bits, threads)
     return run
 
 
@@ -175,6 +211,21 @@ def main() -> None:
         m = torch.nn.init.kaiming_normal_(torch.empty(c, k), generator=torch.Generator().manual_seed(0))
         t = record(f"shape/resnet50/{c}x{k}", "native_kernel", 1, kernel_only([m], True, 1), args.repeat)
         print(f"    -> rows of {k}: {c * k / t / 1e9:.2f} G elem/s, {t / c * 1e9:.0f} ns per row")
+
+    weights = models["resnet50"]
+    n = sum(w.numel() for w in weights)
+    for threads in args.threads if "weighted" in args.only else ():
+        case = "weighted_table/resnet50/per_channel"
+        t_plain = record(case, "plain_kernel", threads, kernel_only(weights, True, threads), args.repeat)
+        for per_element, label in ((False, "per_column"), (True, "per_element")):
+            t_ker = record(f"{case}/{label}", "native_kernel", threads, weighted_kernel(weights, per_element, threads),
+                           args.repeat)
+            t_nat = record(f"{case}/{label}", "native", threads, weighted_with(weights, per_element, "native", threads),
+                           args.repeat)
+            t_ref = record(f"{case}/{label}", "reference", threads,
+                           weighted_with(weights, per_element, "reference", threads), max(1, args.repeat // 2))
+            print(f"    -> {label} weights: native call {t_ker / t_plain:.2f}x the unweighted table's time, "
+                  f"{n / t_ker / threads / 1e9:.2f} G elem/s/thread; weighted_errors {t_ref / t_nat:.1f}x vs reference")
 
     if args.json:
         write_text_atomic(args.json, json.dumps(records, indent=1), overwrite=True)

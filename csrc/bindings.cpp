@@ -270,6 +270,48 @@ py::tuple error_table(py::object w_obj, py::object scale_obj, py::object zp_obj,
   return py::make_tuple(sse, max_abs);
 }
 
+py::array_t<double> weighted_error_table(py::object w_obj, py::object v_obj, py::object scale_obj,
+                                         py::object zp_obj, py::object bits_obj, int64_t num_threads) {
+  int64_t C, K;
+  F32 w = weight_arg(w_obj, false, &C, &K);
+  F32 v = as_f32(v_obj, "v");
+  const bool per_row = v.ndim() == 2;
+  if (!((v.ndim() == 1 && v.shape(0) == K) || (per_row && v.shape(0) == C && v.shape(1) == K)))
+    fail("v must have shape (K,) = (" + std::to_string(K) + ",) or (C, K) = (" + std::to_string(C) +
+         ", " + std::to_string(K) + "), got " + shape_str(v));
+  const std::vector<int> bits = bits_list(bits_obj);
+  const int64_t B = static_cast<int64_t>(bits.size());
+  F32 scale = as_f32(scale_obj, "scale");
+  I64 z = as_i64(zp_obj, "zero_point");
+  check_ndim(scale, 2, "scale");
+  check_ndim(z, 2, "zero_point");
+  if (scale.shape(0) != B)
+    fail("scale must have shape (B, S) with B=len(bits)=" + std::to_string(B) + ", got " +
+         shape_str(scale));
+  const int64_t S = check_groups(scale.shape(1), C, "scale.shape[1]");
+  if (z.shape(0) != B || z.shape(1) != S)
+    fail("zero_point must have the same shape as scale " + shape_str(scale) + ", got " +
+         shape_str(z));
+  check_scales(scale.data(), B * S, "scale");
+  const std::vector<int32_t> zp = zero_points(z, bits, S, "zero_point");
+  const int nt = check_threads(num_threads);
+  float vmax = 0.0f;
+  bool ok;
+  {
+    py::gil_scoped_release release;
+    ok = mixquant::weights_ok(v.data(), v.size(), nt, &vmax);
+  }
+  if (!ok) fail("v must be finite and >= 0");
+  py::array_t<double> wsse({B, C});
+  {
+    py::gil_scoped_release release;
+    const std::vector<int32_t> bits32(bits.begin(), bits.end());
+    mixquant::weighted_error_table(w.data(), C, K, v.data(), per_row, vmax, scale.data(), zp.data(),
+                                   S, bits32.data(), B, nt, wsse.mutable_data());
+  }
+  return wsse;
+}
+
 py::array_t<double> row_energy(py::object w_obj, py::object lo_obj, py::object hi_obj,
                                int64_t num_threads) {
   int64_t C, K;
@@ -574,6 +616,10 @@ PYBIND11_MODULE(_core, m) {
         "(scale float32, zero_point int32) from ranges (lo, hi); zero is included first.");
   m.def("error_table", &error_table, "w"_a, "scale"_a, "zero_point"_a, "bits"_a, "num_threads"_a,
         "(sse float64[B, C], max_abs float32[B, C]) of fake-quantization errors for B bit-widths.");
+  m.def("weighted_error_table", &weighted_error_table, "w"_a, "v"_a, "scale"_a, "zero_point"_a,
+        "bits"_a, "num_threads"_a,
+        "Weighted squared errors wsse[b, c] = sum_k v[c, k] (w - w_hat)^2 (float64[B, C]) of the "
+        "parameters scale/zero_point [B, S]; v is (K,) (one weight per column) or (C, K), finite, >= 0.");
   m.def("row_energy", &row_energy, "w"_a, "lo"_a, "hi"_a, "num_threads"_a,
         "sum(w[c]**2) of every row of a 2-D float32 w (float64[C]); lo/hi bound each row's values.");
   m.def("minmax_error_table", &minmax_error_table, "w"_a, "bits"_a, "per_channel"_a, "symmetric"_a,

@@ -278,6 +278,55 @@ void k_err_stats(const float* x, int64_t n, const QParam* qp, int64_t m, double*
   });
 }
 
+// ------------------------------------------------------- weighted errors ----
+// Sum of v * e^2 over one block for one parameter set: e range-scaled as in
+// err_block, the weights v multiplied by vs (a power of two chosen by the
+// driver so that v * vs <= 1).  Zero-padded tails contribute nothing.
+template <bool kScaled>
+double wsse_block(const float* xb, const float* vb, int64_t nb, V xtail, V vtail, const QV& q, V vs) {
+  const int64_t nfull = nb - nb % kStep;
+  const int64_t nvec = nb - nb % kLanes;
+  V s0 = Vec::zero(), s1 = Vec::zero(), s2 = Vec::zero(), s3 = Vec::zero();
+  for (int64_t i = 0; i < nfull; i += kStep) {
+    const V e0 = q_error_acc<kScaled>(Vec::load(xb + i), q);
+    const V e1 = q_error_acc<kScaled>(Vec::load(xb + i + kLanes), q);
+    const V e2 = q_error_acc<kScaled>(Vec::load(xb + i + 2 * kLanes), q);
+    const V e3 = q_error_acc<kScaled>(Vec::load(xb + i + 3 * kLanes), q);
+    s0 = Vec::fmadd(Vec::mul(Vec::mul(Vec::load(vb + i), vs), e0), e0, s0);
+    s1 = Vec::fmadd(Vec::mul(Vec::mul(Vec::load(vb + i + kLanes), vs), e1), e1, s1);
+    s2 = Vec::fmadd(Vec::mul(Vec::mul(Vec::load(vb + i + 2 * kLanes), vs), e2), e2, s2);
+    s3 = Vec::fmadd(Vec::mul(Vec::mul(Vec::load(vb + i + 3 * kLanes), vs), e3), e3, s3);
+  }
+  for (int64_t i = nfull; i < nvec + (nb > nvec ? kLanes : 0); i += kLanes) {
+    const bool full = i < nvec;
+    const V e = q_error_acc<kScaled>(full ? Vec::load(xb + i) : xtail, q);
+    const V v = Vec::mul(full ? Vec::load(vb + i) : vtail, vs);
+    s0 = Vec::fmadd(Vec::mul(v, e), e, s0);
+  }
+  return Vec::hsum(Vec::add(Vec::add(s0, s1), Vec::add(s2, s3)));
+}
+
+// One pass over x and v: each block of both is loaded once and reused from
+// cache for all m parameter sets (bit-widths).
+void k_wsse(const float* x, const float* v, int64_t n, const QParam* qp, int64_t m, float vscale,
+            double* out) {
+  for (int64_t j = 0; j < m; ++j) out[j] = 0.0;
+  const V vs = Vec::set1(vscale);
+  for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
+    const int64_t nb = min64(kBlock, n - b0);
+    const int64_t nvec = nb - nb % kLanes;
+    const float* xb = x + b0;
+    const float* vb = v + b0;
+    const V xtail = nb > nvec ? load_tail(xb + nvec, nb - nvec) : Vec::zero();
+    const V vtail = nb > nvec ? load_tail(vb + nvec, nb - nvec) : Vec::zero();
+    for (int64_t j = 0; j < m; ++j) {
+      const QV q = broadcast(qp[j]);
+      out[j] += qp[j].escale != 1.0f ? wsse_block<true>(xb, vb, nb, xtail, vtail, q, vs)
+                                     : wsse_block<false>(xb, vb, nb, xtail, vtail, q, vs);
+    }
+  }
+}
+
 // ------------------------------------------------------------- lp errors ----
 struct PowSquare {
   V acc(V a, V e) const { return Vec::fmadd(e, e, a); }
@@ -493,6 +542,7 @@ const KernelTable MIXQUANT_ISA_TABLE = {
     &MIXQUANT_ISA_NS::k_minmax,
     &MIXQUANT_ISA_NS::k_err_stats,
     &MIXQUANT_ISA_NS::k_lp_err,
+    &MIXQUANT_ISA_NS::k_wsse,
     &MIXQUANT_ISA_NS::k_fake_quant,
     &MIXQUANT_ISA_NS::k_quant_u8,
     &MIXQUANT_ISA_NS::k_quant_u16,

@@ -536,6 +536,56 @@ void minmax_error_table(const float* w, int64_t C, int64_t K, const int32_t* bit
   table_pass(w, C, K, qp.data(), rexp.data(), eexp.data(), S, B, num_threads, sse, max_abs, energy);
 }
 
+void weighted_error_table(const float* w, int64_t C, int64_t K, const float* v, bool v_per_row,
+                          float vmax, const float* scale, const int32_t* zero_point, int64_t S,
+                          const int32_t* bits, int64_t B, int num_threads, double* wsse) {
+  const KernelTable* t = current_table();
+  // v * 2^-E <= 1 for the largest weight: products of (scaled) errors and
+  // weights stay in float range; the sums are multiplied back by 2^E.
+  const int vexp = vmax > 0.0f ? ilogb_f(vmax) + 1 : 0;
+  const float vscale = std::ldexp(1.0f, -vexp);
+  std::vector<QParam> qp(static_cast<size_t>(S * B));
+  std::vector<int> rexp(static_cast<size_t>(S * B));
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t s = 0; s < S; ++s) {
+      const int e = range_exponent(scale[b * S + s], 2.0);
+      rexp[s * B + b] = e;
+      qp[s * B + b] = make_qparam(scale[b * S + s], zero_point[b * S + s], bits[b], e);
+    }
+  std::vector<double> res(static_cast<size_t>(C) * static_cast<size_t>(B));
+  auto compute = [&](int64_t g, const float* x, int64_t n, double* slot, int) {
+    const int64_t off = x - (w + g * K);  // position of this chunk in its row
+    const float* vx = v + (v_per_row ? g * K : 0) + off;
+    t->wsse(x, vx, n, qp.data() + (S == 1 ? 0 : g) * B, B, vscale, slot);
+  };
+  auto combine = [B](double* acc, const double* part) {
+    for (int64_t b = 0; b < B; ++b) acc[b] += part[b];
+  };
+  reduce_groups(w, C, K, B, num_threads, res.data(), compute, combine);
+  for (int64_t c = 0; c < C; ++c) {
+    const int64_t s = S == 1 ? 0 : c;
+    for (int64_t b = 0; b < B; ++b)
+      wsse[b * C + c] = std::ldexp(unscale_sum(res[c * B + b], 2.0, rexp[s * B + b]), vexp);
+  }
+}
+
+bool weights_ok(const float* v, int64_t n, int num_threads, float* vmax) {
+  const int nt = clamp_threads(num_threads, (n + kElemChunk - 1) / kElemChunk);
+  (void)nt;  // only read by the OpenMP pragma
+  float mx = 0.0f;
+  int64_t bad = 0;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nt) reduction(max : mx) reduction(+ : bad) schedule(static)
+#endif
+  for (int64_t i = 0; i < n; ++i) {
+    const float x = v[i];
+    if (!(x >= 0.0f && x <= FLT_MAX)) ++bad;  // NaN, negative or inf
+    else mx = x > mx ? x : mx;
+  }
+  *vmax = mx;
+  return bad == 0;
+}
+
 namespace {
 
 // Candidate i of the clipping grid: the range shrunk by factor 1 - i * step.

@@ -40,6 +40,17 @@ void minmax_error_table(const float* w, int64_t C, int64_t K, const int32_t* bit
                         float* scale, int32_t* zero_point, double* sse, float* max_abs,
                         double* energy, int64_t* n_nonfinite);
 
+// Weighted error table: wsse[b, c] = sum_k v[c, k] * (w[c, k] - w_hat[c, k])^2 (double) for
+// the parameters scale/zero_point [B, S].  v is [C, K] (v_per_row) or one [K] vector for every
+// row; v >= 0 and finite, vmax its largest value (the kernel scales v by a power of two so that
+// no product overflows float).
+void weighted_error_table(const float* w, int64_t C, int64_t K, const float* v, bool v_per_row,
+                          float vmax, const float* scale, const int32_t* zero_point, int64_t S,
+                          const int32_t* bits, int64_t B, int num_threads, double* wsse);
+
+// Largest value of v[0, n), and whether every value is finite and >= 0.
+bool weights_ok(const float* v, int64_t n, int num_threads, float* vmax);
+
 // lo/hi: [S]; outputs: [B, S].
 void clip_search(const float* w, int64_t C, int64_t K, const float* lo, const float* hi, int64_t S,
                  const int32_t* bits, int64_t B, bool symmetric, int64_t n_grid, double step,

@@ -53,6 +53,10 @@ struct KernelTable {
   // For each of m parameter sets: out[j] = sum |e|^p (double); p > 0.
   void (*lp_err)(const float* x, int64_t n, const QParam* qp, int64_t m, double p,
                  double* out);
+  // For each of m parameter sets: out[j] = sum (v * vscale) * e^2 (double), v >= 0 laid
+  // out like x, errors range-scaled by escale as in err_stats.
+  void (*wsse)(const float* x, const float* v, int64_t n, const QParam* qp, int64_t m,
+               float vscale, double* out);
   void (*fake_quant)(const float* x, int64_t n, const QParam* qp, float* out);
   void (*quant_u8)(const float* x, int64_t n, const QParam* qp, uint8_t* out);
   void (*quant_u16)(const float* x, int64_t n, const QParam* qp, uint16_t* out);

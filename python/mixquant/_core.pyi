@@ -58,6 +58,16 @@ def error_table(
 ) -> tuple[_F64, _F32]:
     """One fused pass: ``(sse[B, C] float64, max_abs[B, C] float32)`` of ``w - fake_quantize(w)`` for ``scale/zero_point[B, S]``, ``bits[B]``."""
 
+def weighted_error_table(
+    w: npt.ArrayLike, v: npt.ArrayLike, scale: npt.ArrayLike, zero_point: npt.ArrayLike, bits: _Bits,
+    num_threads: int,
+) -> _F64:
+    """Weighted squared errors ``wsse[b, c] = sum_k v[c, k] * (w[c, k] - w_hat[c, k])**2`` (float64 ``[B, C]``).
+
+    ``v`` is ``(K,)`` (one weight per column, shared by every row) or ``(C, K)``; finite and >= 0.
+    ``scale``/``zero_point`` are ``[B, S]`` as in :func:`error_table`.
+    """
+
 def row_energy(w: npt.ArrayLike, lo: npt.ArrayLike, hi: npt.ArrayLike, num_threads: int) -> _F64:
     """``sum(w[c]**2)`` of every row (float64[C]); ``lo``/``hi`` bound each row's values (range scaling)."""
 

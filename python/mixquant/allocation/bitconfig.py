@@ -14,7 +14,7 @@ from ..core.spec import QuantizerSpec
 from ..io import strict_json
 from ..io.files import read_regular, write_text_atomic
 from ..nn.layers import channel_axis, is_quantizable
-from .bitconfig_file import FORMAT, METRICS, VERSION, parse_bitconfig
+from .bitconfig_file import FORMAT, METRICS, SENSITIVITY_METRIC, VERSION, parse_bitconfig
 # Bytes stored per quantization group besides the packed codes: a float32 scale
 # and an int32 zero point.
 PARAM_BYTES_PER_GROUP = 8
@@ -43,7 +43,13 @@ class BitConfig:
         candidates: the candidate bit-widths.
         rule: how the bits were chosen (``{"name": "uniform"|"qem"|"budget", ...}``).
         errors: layer name → ``{"bits": [...], "sse": [...], "mse": [...], "norm": [...],
-            "max_abs": [...]}`` (may be empty).
+            "max_abs": [...]}`` (may be empty), plus ``"sensitivity": [...]`` (the
+            data-aware cost of each candidate) for a data-aware search.
+        sensitivity: what the bits were chosen from: ``"weight"`` (the data-free
+            roundoff-error table) or a data-aware sensitivity.
+        calibration: for a data-aware search, ``{"samples": N, "sha256": ...,
+            "seconds": ...}``: how many calibration samples were used, a hash of
+            them (inputs, labels, names, dtypes, shapes) and the measuring time.
     """
 
     bits: Dict[str, int]
@@ -56,6 +62,8 @@ class BitConfig:
     candidates: List[int] = field(default_factory=lambda: list(range(2, 9)))
     rule: Dict[str, Any] = field(default_factory=lambda: {"name": "uniform"})
     errors: Dict[str, Dict[str, List[float]]] = field(default_factory=dict)
+    sensitivity: str = "weight"
+    calibration: Optional[Dict[str, Any]] = None
 
     # -- derived figures -------------------------------------------------
     @property
@@ -91,9 +99,11 @@ class BitConfig:
         return sum(self.layer_size_bytes(name) for name in self.bits)
 
     def error(self, name: str, metric: str = "mse", bits: Optional[int] = None) -> float:
-        """A layer's roundoff error (``metric`` in sse/mse/norm/max_abs) at its bits or at ``bits``."""
-        if metric not in METRICS:
-            raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+        """A layer's roundoff error (``metric`` in sse/mse/norm/max_abs, or ``"sensitivity"``) at its bits or ``bits``."""
+        if metric == SENSITIVITY_METRIC and self.sensitivity == "weight":
+            raise KeyError("this config was searched without data: it records no 'sensitivity' costs")
+        if metric not in METRICS + (SENSITIVITY_METRIC,):
+            raise ValueError(f"metric must be one of {METRICS + (SENSITIVITY_METRIC,)}, got {metric!r}")
         table = self.errors.get(name)
         b = self.bits[name] if bits is None else bits
         if not table or b not in table["bits"]:
@@ -139,6 +149,8 @@ class BitConfig:
             "p": self.p,
             "candidates": list(self.candidates),
             "rule": dict(self.rule),
+            "sensitivity": self.sensitivity,
+            "calibration": None if self.calibration is None else dict(self.calibration),
             "avg_bits": self.avg_bits,
             "size_bytes": self.size_bytes,
             "layers": [
@@ -178,8 +190,13 @@ class BitConfig:
         return cls.from_dict(data)
 
     # -- display ---------------------------------------------------------
-    def table(self, metric: str = "norm") -> str:
-        """A readable per-layer table (name, shape, params, bits, error)."""
+    def table(self, metric: Optional[str] = None) -> str:
+        """A readable per-layer table (name, shape, params, bits, cost).
+
+        ``metric`` defaults to the data-aware cost for a data-aware search, else ``"norm"``.
+        """
+        if metric is None:
+            metric = "norm" if self.sensitivity == "weight" else SENSITIVITY_METRIC
         rows = [("layer", "shape", "params", "bits", metric)]
         for name, b in self.bits.items():
             try:
@@ -195,7 +212,8 @@ class BitConfig:
         lines.append(
             f"{len(self.bits)} layers, {self.total_params} weights, average {self.avg_bits:.3f} bits, "
             f"{self.size_bytes} bytes ({rule}; {'per-channel' if self.per_channel else 'per-tensor'}, "
-            f"{'symmetric' if self.symmetric else 'asymmetric'}, clip={self.clip})"
+            f"{'symmetric' if self.symmetric else 'asymmetric'}, clip={self.clip}; sensitivity={self.sensitivity}"
+            + (f" on {self.calibration['samples']} calibration samples" if self.calibration else "") + ")"
         )
         return "\n".join(lines)
 

@@ -9,8 +9,15 @@ from typing import Any, Mapping
 from ..core.limits import CLIP_METHODS, MAX_BITS, MIN_BITS
 
 FORMAT = "mixquant.bitconfig"
-VERSION = 1
+#: Version 2 adds the sensitivity the bits were chosen with and the calibration data's provenance;
+#: version-1 files (data-free searches) are still read.
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 METRICS = ("sse", "mse", "norm", "max_abs")
+#: The data-aware cost of each candidate, recorded beside the weight metrics.
+SENSITIVITY_METRIC = "sensitivity"
+SENSITIVITY_NAMES = ("weight", "input", "output", "fisher", "model")
+_HEX = set("0123456789abcdef")
 #: The rules that choose bits (see :mod:`.rules`), and their options.
 RULES = ("uniform", "qem", "budget")
 OBJECTIVES = ("mse", "norm", "sse")
@@ -55,8 +62,14 @@ def parse_bitconfig(cls: type, data: Mapping[str, Any]) -> Any:
     if data.get("format") != FORMAT:
         _fail(f"'format' must be {FORMAT!r}, got {data.get('format')!r}")
     version = data.get("version")
-    if version != VERSION:
-        _fail(f"unsupported version {version!r} (this mixquant reads version {VERSION})")
+    if isinstance(version, bool) or version not in READABLE_VERSIONS:
+        _fail(f"unsupported version {version!r} (this mixquant reads versions {READABLE_VERSIONS})")
+    sensitivity, calibration = "weight", None
+    if version >= 2:
+        sensitivity = data.get("sensitivity")
+        if sensitivity not in SENSITIVITY_NAMES:
+            _fail(f"sensitivity must be one of {SENSITIVITY_NAMES}, got {sensitivity!r}")
+        calibration = _parse_calibration(data.get("calibration"), sensitivity)
     per_channel = _bool(data.get("per_channel"), "per_channel")
     symmetric = _bool(data.get("symmetric"), "symmetric")
     clip = data.get("clip")
@@ -100,12 +113,13 @@ def parse_bitconfig(cls: type, data: Mapping[str, Any]) -> Any:
         if not per_channel and groups[name] != 1:
             _fail(f"layer {name!r} has {groups[name]} groups in a per-tensor config")
         if "errors" in layer:
-            errors[name] = _parse_errors(layer["errors"], name)
+            errors[name] = _parse_errors(layer["errors"], name, sensitivity != "weight")
     for key in ("avg_bits", "size_bytes"):
         if key in data:
             _number(data[key], key)
     config = cls(bits=bits, shapes=shapes, groups=groups, per_channel=per_channel, symmetric=symmetric,
-                 clip=clip, p=p, candidates=candidates, rule=dict(rule), errors=errors)
+                 clip=clip, p=p, candidates=candidates, rule=dict(rule), errors=errors, sensitivity=sensitivity,
+                 calibration=calibration)
     # The stored summary must agree with the layers; a mismatch means the file was edited.
     if "size_bytes" in data and data["size_bytes"] != config.size_bytes:
         _fail(f"size_bytes {data['size_bytes']} does not match the layers ({config.size_bytes})")
@@ -113,6 +127,25 @@ def parse_bitconfig(cls: type, data: Mapping[str, Any]) -> Any:
         _fail(f"avg_bits {data['avg_bits']} does not match the layers ({config.avg_bits})")
     _check_rule(config)
     return config
+
+
+def _parse_calibration(value: Any, sensitivity: str) -> Any:
+    if sensitivity == "weight":
+        if value is not None:
+            _fail("a data-free (sensitivity 'weight') config records no calibration data")
+        return None
+    if not isinstance(value, dict) or not {"samples", "sha256"} <= set(value) <= {"samples", "sha256", "seconds"}:
+        _fail(f"calibration of a {sensitivity!r} config must be an object with 'samples' and 'sha256'")
+    out = {"samples": _int(value["samples"], "calibration samples", 1, 2**62)}
+    digest = value["sha256"]
+    if not isinstance(digest, str) or len(digest) != 64 or not set(digest) <= _HEX:
+        _fail("calibration sha256 must be 64 lowercase hex digits")
+    out["sha256"] = digest
+    if "seconds" in value:
+        out["seconds"] = _number(value["seconds"], "calibration seconds")
+        if out["seconds"] < 0:
+            _fail("calibration seconds must be non-negative")
+    return out
 
 
 def _pinned(rule: Mapping[str, Any], key: str, bits: Mapping[str, int]) -> dict:
@@ -177,8 +210,11 @@ def _check_rule(config: Any) -> None:
 
 
 def _check_budget(config: Any, rule: Mapping[str, Any], raised: Mapping[str, int], changed: bool) -> None:
-    if rule.get("objective") not in OBJECTIVES:
-        _fail(f"rule objective must be one of {OBJECTIVES}, got {rule.get('objective')!r}")
+    if config.sensitivity == "weight":
+        if rule.get("objective") not in OBJECTIVES:
+            _fail(f"rule objective must be one of {OBJECTIVES}, got {rule.get('objective')!r}")
+    elif "objective" in rule:  # data-aware costs are summed as they are
+        _fail(f"a {config.sensitivity!r} budget rule has no objective, got {rule['objective']!r}")
     given = [k for k in ("avg_bits", "max_bytes") if rule.get(k) is not None]
     if len(given) != 1:
         _fail(f"a budget rule needs exactly one of avg_bits, max_bytes, got {given or 'none'}")
@@ -197,16 +233,17 @@ def _check_budget(config: Any, rule: Mapping[str, Any], raised: Mapping[str, int
             _fail(f"the layers take {config.size_bytes} bytes, above the rule's budget max_bytes={budget}")
 
 
-def _parse_errors(table: Any, name: str) -> dict:
-    if not isinstance(table, dict) or set(table) != {"bits", *METRICS}:
-        _fail(f"errors of layer {name!r} must hold 'bits' and {METRICS}")
+def _parse_errors(table: Any, name: str, data_aware: bool) -> dict:
+    keys = {"bits", *METRICS} | ({SENSITIVITY_METRIC} if data_aware else set())
+    if not isinstance(table, dict) or set(table) != keys:
+        _fail(f"errors of layer {name!r} must hold exactly {sorted(keys)}")
     table_bits = table["bits"]
     if not isinstance(table_bits, list) or not table_bits or len(table_bits) > MAX_BITS:
         _fail(f"errors of layer {name!r}: 'bits' must be a non-empty list")
     out = {"bits": [_int(b, f"error table bits of {name!r}", MIN_BITS, MAX_BITS) for b in table_bits]}
     if any(a >= b for a, b in zip(out["bits"], out["bits"][1:])):
         _fail(f"errors of layer {name!r}: 'bits' must be distinct and increasing, got {out['bits']}")
-    for metric in METRICS:
+    for metric in METRICS + ((SENSITIVITY_METRIC,) if data_aware else ()):
         values = table[metric]
         if not isinstance(values, list) or len(values) != len(table_bits):
             _fail(f"errors of layer {name!r}: {metric!r} must have {len(table_bits)} values")

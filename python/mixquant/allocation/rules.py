@@ -1,12 +1,17 @@
-"""The rules that turn error tables into per-layer bit-widths.
+"""The rules that turn per-layer costs into per-layer bit-widths.
+
+A cost table maps each layer to its cost at each candidate bit-width: a
+roundoff-error metric of the weights, or a data-aware sensitivity
+(:mod:`.sensitivity`); the rules work the same on any of them.
 
 * QEM rule (the paper's quantization error multiplier): each layer takes the
-  smallest candidate ``b`` with ``err(b) <= qem * err_ref``; the reference is
-  the layer's own error at ``ref_bits`` (``qem_reference="layer"``) or the
-  median over layers of the normalised error at ``ref_bits`` (``"model"``).
-* Budget rule: minimise the summed error (``objective``) subject to a
-  parameter-weighted average bit-width or a byte budget, solved exactly as a
-  multiple-choice knapsack (:mod:`.knapsack`).
+  smallest candidate ``b`` with ``cost(b) <= qem * cost_ref``; the reference is
+  the layer's own cost at ``ref_bits`` (``qem_reference="layer"``) or the
+  median over layers of the cost at ``ref_bits`` (``"model"``; for the weight
+  table the normalised error, which is comparable across layers).
+* Budget rule: minimise the summed cost subject to a parameter-weighted
+  average bit-width or a byte budget, solved exactly as a multiple-choice
+  knapsack (:mod:`.knapsack`).
 """
 
 from __future__ import annotations
@@ -16,34 +21,35 @@ from typing import Dict, List, Mapping, Optional
 
 import numpy as np
 
-from ..core.error import RoundoffError
 from .bitconfig import layer_bytes
 from .bitconfig_file import OBJECTIVES, QEM_REFERENCES
 from .knapsack import InfeasibleBudget, solve_mckp
 
 DEFAULT_OBJECTIVE = "norm"
 
-__all__ = ["OBJECTIVES", "QEM_REFERENCES", "DEFAULT_OBJECTIVE", "qem_bits", "budget_bits"]
+__all__ = ["OBJECTIVES", "QEM_REFERENCES", "DEFAULT_OBJECTIVE", "Costs", "qem_bits", "budget_bits"]
+
+#: layer name -> bit-width -> cost.
+Costs = Mapping[str, Mapping[int, float]]
 
 
-def qem_bits(tables: Mapping[str, RoundoffError], free: List[str], candidates: List[int], qem: float,
-             ref_bits: int, reference: str) -> Dict[str, int]:
-    """The QEM rule for the ``free`` layers (``tables`` must hold ``ref_bits`` and every candidate)."""
+def qem_bits(costs: Costs, free: List[str], candidates: List[int], qem: float, ref_bits: int,
+             reference: str) -> Dict[str, int]:
+    """The QEM rule for the ``free`` layers (``costs`` must hold ``ref_bits`` and every candidate)."""
     chosen = {}
     if reference == "model":
-        model_ref = float(np.median([tables[n].at(ref_bits)["norm"] for n in tables]))
+        model_ref = float(np.median([costs[n][ref_bits] for n in costs]))
     for name in free:
-        t = tables[name]
-        metric, ref = ("norm", model_ref) if reference == "model" else ("sse", t.at(ref_bits)["sse"])
-        values = {int(b): float(v) for b, v in zip(t.bits, getattr(t, metric))}
+        values = costs[name]
+        ref = model_ref if reference == "model" else values[ref_bits]
         ok = [b for b in candidates if values[b] <= qem * ref]
         chosen[name] = ok[0] if ok else candidates[-1]
     return chosen
 
 
-def budget_bits(tables: Mapping[str, RoundoffError], num_params: Mapping[str, int], groups: Mapping[str, int],
-                free: List[str], keep: Mapping[str, int], candidates: List[int], objective: str,
-                avg_bits: Optional[float], max_bytes: Optional[int]) -> Dict[str, int]:
+def budget_bits(costs: Costs, num_params: Mapping[str, int], groups: Mapping[str, int], free: List[str],
+                keep: Mapping[str, int], candidates: List[int], avg_bits: Optional[float],
+                max_bytes: Optional[int]) -> Dict[str, int]:
     """The budget rule: free layers choose among ``candidates``, kept layers count at their bits.
 
     ``num_params`` and ``groups`` give each layer's weight count and number of
@@ -59,14 +65,12 @@ def budget_bits(tables: Mapping[str, RoundoffError], num_params: Mapping[str, in
     else:
         weight = lambda name, b: layer_bytes(n[name], b, groups[name])  # noqa: E731
         capacity = int(max_bytes)
-    costs, weights = [], []
+    option_costs, weights = [], []
     for name in names:
-        t = tables[name]
-        per_bit = {int(b): float(v) for b, v in zip(t.bits, getattr(t, objective))}
-        costs.append([per_bit[b] for b in options[name]])
+        option_costs.append([float(costs[name][b]) for b in options[name]])
         weights.append([weight(name, b) for b in options[name]])
     try:
-        choice = solve_mckp(weights, costs, capacity)
+        choice = solve_mckp(weights, option_costs, capacity)
     except InfeasibleBudget:
         lightest = sum(w[0] for w in weights)
         if avg_bits is not None:

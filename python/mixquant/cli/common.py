@@ -10,7 +10,8 @@ import torch
 
 from ..io.models import MODEL_HELP, load_model
 
-__all__ = ["MODEL_HELP", "DATA_HELP", "load_model", "load_inputs", "add_data_options", "add_trust_file_option"]
+__all__ = ["MODEL_HELP", "DATA_HELP", "load_model", "load_inputs", "load_calib", "add_data_options",
+           "add_trust_file_option"]
 
 
 def add_trust_file_option(p: argparse.ArgumentParser) -> None:
@@ -28,26 +29,27 @@ DATA_HELP = (
 )
 
 
-def load_inputs(path: str, *, image_size: int = 224, resize: Optional[int] = None
-                ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Inputs (and labels, when the file has them) from a tensor file or a folder of images (see DATA_HELP)."""
-    if os.path.isdir(path):
-        return _load_folder(path, image_size, resize), None
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path!r} is neither a file nor a folder")
+_INPUT_KEYS = ("x", "inputs", "images")
+_LABEL_KEYS = ("y", "labels", "targets")
+
+
+def _load_tensor_file(path: str):
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - report any unreadable file the same way
         raise ValueError(f"{path!r} is not a tensor file that torch.load(weights_only=True) can read: "
                          f"{str(exc).splitlines()[0][:200]}") from None
+
+
+def _inputs_from(obj, path: str) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     x = y = None
     if isinstance(obj, torch.Tensor):
         x = obj
     elif isinstance(obj, (tuple, list)) and len(obj) == 2 and all(isinstance(t, torch.Tensor) for t in obj):
         x, y = obj
     elif isinstance(obj, dict):
-        x = next((obj[k] for k in ("x", "inputs", "images") if k in obj), None)
-        y = next((obj[k] for k in ("y", "labels", "targets") if k in obj), None)
+        x = next((obj[k] for k in _INPUT_KEYS if k in obj), None)
+        y = next((obj[k] for k in _LABEL_KEYS if k in obj), None)
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{path!r} must hold a tensor, an (inputs, labels) tuple or a dict with 'x' "
                          f"(and 'y'); found {type(obj).__name__}")
@@ -60,6 +62,30 @@ def load_inputs(path: str, *, image_size: int = 224, resize: Optional[int] = Non
             raise ValueError(f"{path!r}: labels must be a 1-D tensor with one label per input")
         y = y.long()
     return x.float(), y
+
+
+def load_inputs(path: str, *, image_size: int = 224, resize: Optional[int] = None
+                ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Inputs (and labels, when the file has them) from a tensor file or a folder of images (see DATA_HELP)."""
+    if os.path.isdir(path):
+        return _load_folder(path, image_size, resize), None
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path!r} is neither a file nor a folder")
+    return _inputs_from(_load_tensor_file(path), path)
+
+
+def load_calib(path: str, *, image_size: int = 224, resize: Optional[int] = None):
+    """Calibration data for the search: what :func:`load_inputs` reads, or a tensor file holding a dict of
+    keyword inputs (``{"input_ids": ..., "attention_mask": ...}``, for models called with keywords)."""
+    if os.path.isfile(path):
+        obj = _load_tensor_file(path)
+        if isinstance(obj, dict) and obj and not any(k in obj for k in _INPUT_KEYS) \
+                and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+            return dict(obj)
+        x, y = _inputs_from(obj, path)
+    else:
+        x, y = load_inputs(path, image_size=image_size, resize=resize)
+    return x if y is None else [(x, y)]
 
 
 def _load_folder(folder: str, image_size: int, resize: Optional[int]) -> torch.Tensor:

@@ -34,8 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(Fashion-MNIST) and two MNIST CNNs. Writes RESULTS.md, results.json and PNG plots under --out. "
         "Needs the offline data (bash scripts/install_data.sh) and matplotlib (pip install 'mixquant[report]').",
     )
-    p.add_argument("--models", type=_names, default=list(SETUP_NAMES),
-                   help=f"comma-separated models (default all: {','.join(SETUP_NAMES)})")
+    p.add_argument("--models", type=_names, default=None,
+                   help=f"comma-separated models (default all: {','.join(SETUP_NAMES)}; the sensitivity study also "
+                   "knows mpnet and smollm2)")
     p.add_argument("--methods", type=_names, default=list(METHODS),
                    help="comma-separated methods: asymmetric (also the QEM sweep, objective study, per-tensor and "
                    "all-layers-free runs), brecq (default both)")
@@ -48,14 +49,46 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="torch CPU threads (default 1: on a machine shared with other jobs more threads can be "
                    "much slower; raise it on an idle machine)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--study", choices=["main", "sensitivity"], default="main",
+                   help="main: the MixQuant-vs-uniform grid above; sensitivity: uniform vs the data-free rule vs every "
+                   "data-aware sensitivity on the CNNs and the two transformers (MPNet, SmolLM2; they need "
+                   "'scripts/install_data.sh --transformers'); writes sensitivity.json and sensitivity.md under --out")
     p.add_argument("--report-only", metavar="RESULTS_JSON", nargs="+",
                    help="do not run anything: rebuild the report and plots from existing results.json file(s); "
                    "several files (runs of different models) are merged")
     p.set_defaults(func=run)
 
 
+def _run_sensitivity(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..allocation.sensitivity import DEFAULT_DATA_SENSITIVITY
+    from ..experiments.sensitivity_study import STUDY_MODELS, render_sensitivity_report, run_sensitivity_study
+    from ..io.files import check_destination, write_text_atomic
+
+    models = list(args.models) if args.models is not None else list(STUDY_MODELS)
+    unknown = [m for m in models if m not in STUDY_MODELS]
+    if unknown:
+        raise ValueError(f"unknown model(s) {', '.join(unknown)} for the sensitivity study; choose from "
+                         f"{', '.join(STUDY_MODELS)}")
+    data = os.path.join(args.out, "sensitivity.json")
+    report = os.path.join(args.out, "sensitivity.md")
+    os.makedirs(args.out, exist_ok=True)
+    check_destination(report, args.overwrite)
+    torch.set_num_threads(args.threads)
+    command = "mixquant " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else ""
+    results = run_sensitivity_study(models, args.methods, quick=args.quick, out=data)
+    write_text_atomic(report, render_sensitivity_report(results, DEFAULT_DATA_SENSITIVITY, command) + "\n",
+                      overwrite=args.overwrite)
+    print(f"wrote {report} and {data}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
-    from ..experiments import load_results, run_experiments
+    from ..experiments import SETUP_NAMES, load_results, run_experiments
+
+    if args.study == "sensitivity":
+        return _run_sensitivity(args)
     from ..experiments.report import write_report
     from ..io.files import check_destination
 
@@ -87,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
             require_matplotlib()  # fail before the run, not after it
         command = "mixquant " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "mixquant experiment"
         partial = os.path.join(args.out, "results.partial.json")
-        results = run_experiments(args.models, args.methods, args.seeds, "quick" if args.quick else "default",
+        results = run_experiments(args.models or list(SETUP_NAMES), args.methods, args.seeds, "quick" if args.quick else "default",
                                   out=partial, command=command, threads=args.threads)
     written = write_report(results, args.out, plots=not args.no_plots)
     if not args.report_only:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Dict, List
 
-from .common import MODEL_HELP, add_trust_file_option, load_model
+from .common import DATA_HELP, MODEL_HELP, add_data_options, add_trust_file_option, load_calib, load_model
 
 
 def parse_bits(text: str) -> List[int]:
@@ -38,6 +38,7 @@ def parse_keep(items: List[str]) -> Dict[str, int]:
 
 def register(sub: argparse._SubParsersAction) -> None:
     from ..allocation.rules import DEFAULT_OBJECTIVE, OBJECTIVES
+    from ..allocation.sensitivity import DEFAULT_DATA_SENSITIVITY, OUTPUT_LOSSES, SENSITIVITIES
 
     p = sub.add_parser(
         "search",
@@ -55,8 +56,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ref-bits", type=int, default=8, help="QEM reference bit-width (default 8)")
     p.add_argument("--qem-reference", choices=["layer", "model"], default="layer",
                    help="QEM reference: the layer's own error at --ref-bits, or the median normalised error over layers")
-    p.add_argument("--objective", choices=OBJECTIVES, default=DEFAULT_OBJECTIVE,
-                   help=f"per-layer error summed by the budget rule (default {DEFAULT_OBJECTIVE})")
+    p.add_argument("--objective", choices=OBJECTIVES, default=None,
+                   help=f"per-layer error of the data-free table summed by the budget rule (default {DEFAULT_OBJECTIVE})")
+    p.add_argument("--sensitivity", choices=SENSITIVITIES, default=None,
+                   help="what a layer's cost at a bit-width is: 'weight' (the data-free roundoff error, the default "
+                   f"without --calib), or measured on --calib: input, output, fisher, model (default with --calib: "
+                   f"{DEFAULT_DATA_SENSITIVITY}; costs grow with --calib-samples, 'model' most)")
+    p.add_argument("--calib", help="calibration data for a data-aware sensitivity: " + DATA_HELP
+                   + "; or a .pt file holding a dict of keyword inputs (input_ids, attention_mask, ...)")
+    p.add_argument("--calib-samples", type=int, default=None, help="use at most this many calibration samples")
+    p.add_argument("--output-loss", choices=OUTPUT_LOSSES, default="kl",
+                   help="how the model's outputs are compared: kl (logits of classifiers and language models, the "
+                   "default), cosine or mse (embeddings and other outputs)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random readout of non-logit outputs (default 0)")
     gran = p.add_mutually_exclusive_group()
     gran.add_argument("--per-channel", dest="per_channel", action="store_true", default=True,
                       help="one scale per output channel (default)")
@@ -66,6 +78,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep", nargs="*", metavar="NAME=BITS", help="pin layers, e.g. --keep conv1=8 fc=8")
     p.add_argument("--backend", choices=["native", "reference"], default=None, help="kernel backend (default native)")
     p.add_argument("--threads", type=int, default=None, help="native threads (default MIXQUANT_NUM_THREADS or torch's)")
+    add_data_options(p)
     p.add_argument("--out", required=True, help="where to write the bit config (JSON)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     add_trust_file_option(p)
@@ -78,11 +91,13 @@ def run(args: argparse.Namespace) -> int:
 
     check_destination(args.out, args.overwrite)  # before the work, not after it
     model = load_model(args.model, trust_file=args.trust_file)
+    calib = load_calib(args.calib, image_size=args.image_size, resize=args.resize) if args.calib else None
     config = search(
         model, args.bits, qem=args.qem, ref_bits=args.ref_bits, qem_reference=args.qem_reference,
         avg_bits=args.avg_bits, max_bytes=args.max_bytes, objective=args.objective,
         per_channel=args.per_channel, symmetric=args.symmetric, clip=args.clip, keep=parse_keep(args.keep),
-        backend=args.backend, num_threads=args.threads, progress=True,
+        sensitivity=args.sensitivity, calib_data=calib, calib_samples=args.calib_samples,
+        output_loss=args.output_loss, seed=args.seed, backend=args.backend, num_threads=args.threads, progress=True,
     )
     config.save(args.out, overwrite=args.overwrite)
     print(config)

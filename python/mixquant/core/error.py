@@ -17,7 +17,7 @@ from .tensors import as_matrix, check_bit_list, finite_minmax
 
 Tensor = torch.Tensor
 
-__all__ = ["RoundoffError", "roundoff_error", "spec_roundoff_error"]
+__all__ = ["RoundoffError", "roundoff_error", "spec_roundoff_error", "weighted_errors"]
 
 
 @dataclass(frozen=True)
@@ -133,3 +133,41 @@ def roundoff_error(
     spec = QuantizerSpec(per_channel, symmetric, clip, p, n_grid, step)
     return spec_roundoff_error(tensor, bits, spec, ch_axis=ch_axis, backend=backend, num_threads=num_threads,
                                name=name)
+
+
+def weighted_errors(
+    tensor: Tensor, weights: Tensor, table: RoundoffError, *, ch_axis: int = 0, backend: Optional[str] = None,
+    num_threads: Optional[int] = None, name: str = "tensor",
+) -> np.ndarray:
+    """Weighted squared errors ``[B, C]``: ``sum_k v[c, k] * (w[c, k] - w_hat[c, k])**2`` per bit-width and row.
+
+    ``w_hat`` uses the quantizers of ``table`` (its scales and zero points, one
+    row per bit-width), so the weighted table and the plain one describe the
+    same quantizers. ``weights`` has the shape of ``tensor`` (one weight per
+    element) or is a vector of one weight per column of the ``[C, K]`` matrix
+    view (shared by every row); finite and non-negative.
+    """
+    be, nt = resolve_backend(backend), resolve_threads(num_threads)
+    m = as_matrix(tensor, ch_axis, name)
+    if not isinstance(weights, torch.Tensor):
+        raise TypeError(f"weights of {name} must be a torch.Tensor, got {type(weights).__name__}")
+    if weights.dim() == 1:
+        v = weights.detach().to(device="cpu", dtype=torch.float32).contiguous()
+        if v.numel() != m.shape[1]:
+            raise ValueError(f"weights of {name} hold {v.numel()} values, one per column needs {m.shape[1]}")
+    else:
+        if tuple(weights.shape) != tuple(tensor.shape):
+            raise ValueError(f"weights of {name} have shape {tuple(weights.shape)}, the tensor {tuple(tensor.shape)}")
+        v = as_matrix(weights, ch_axis, f"weights of {name}")
+    scale = torch.from_numpy(np.ascontiguousarray(table.scale))
+    zp = torch.from_numpy(np.ascontiguousarray(table.zero_point))
+    bits = [int(b) for b in table.bits]
+    if be == "native":  # the binding checks the weights (finite, >= 0) in its own pass
+        try:
+            return native().weighted_error_table(m.numpy(), v.numpy(), scale.numpy(),
+                                                 zp.numpy().astype(np.int64), np.asarray(bits, np.int32), nt)
+        except ValueError as exc:
+            raise ValueError(f"weights of {name}: {exc}") from None
+    if not torch.isfinite(v).all() or (v < 0).any():
+        raise ValueError(f"weights of {name} must be finite and >= 0")
+    return reference.weighted_error_table(m, v, scale, zp, bits).numpy()

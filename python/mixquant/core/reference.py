@@ -26,6 +26,7 @@ __all__ = [
     "quantize",
     "dequantize",
     "error_table",
+    "weighted_error_table",
     "clip_search",
     "pack_bits",
     "unpack_bits",
@@ -105,6 +106,18 @@ def error_table(
         sse[i] = err.double().square().sum(dim=1)
         max_abs[i] = err.abs().amax(dim=1)
     return sse, max_abs
+
+
+def weighted_error_table(
+    w: torch.Tensor, v: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, bits: Sequence[int]
+) -> torch.Tensor:
+    """Per (bit-width, row): ``sum_k v[k] * (w - w_hat)^2`` in float64; ``v`` is ``[K]`` or ``[C, K]``."""
+    out = torch.empty(len(bits), w.shape[0], dtype=torch.float64)
+    vd = v.double()
+    for i, b in enumerate(bits):
+        err = w - fake_quantize(w, scale[i], zp[i], int(b))
+        out[i] = (err.double().square() * vd).sum(dim=1)
+    return out
 
 
 def _lp(err: torch.Tensor, p: float) -> torch.Tensor:

@@ -24,8 +24,8 @@ from typing import Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-__all__ = ["check_destination", "write_bytes_atomic", "write_text_atomic", "read_regular", "TEMP_PREFIX",
-           "TEMP_SUFFIX"]
+__all__ = ["check_destination", "write_bytes_atomic", "write_text_atomic", "read_regular", "concatenate_into",
+           "publish_folder", "TEMP_PREFIX", "TEMP_SUFFIX"]
 
 TEMP_PREFIX = ".mixquant-"
 TEMP_SUFFIX = ".tmp"
@@ -163,3 +163,37 @@ def read_regular(path: PathLike, max_bytes: int, what: str = "file") -> bytes:
     if len(raw) > max_bytes:
         raise ValueError(f"{shown} is larger than any {what} ({max_bytes} bytes)")
     return raw
+
+
+def concatenate_into(sources: "list[str]", dest: PathLike, chunk: int = 16 << 20) -> None:
+    """Write the bytes of ``sources`` one after the other into ``dest``, a new file (never an existing one,
+    a planted symlink included: created with ``O_CREAT | O_EXCL | O_NOFOLLOW``), streaming ``chunk`` bytes at a time."""
+    fd = os.open(os.fspath(dest), _TEMP_FLAGS, 0o666)
+    with os.fdopen(fd, "wb") as out:
+        for src in sources:
+            with open(src, "rb") as fh:
+                while True:
+                    block = fh.read(chunk)
+                    if not block:
+                        break
+                    out.write(block)
+
+
+def publish_folder(staged: PathLike, final: PathLike) -> str:
+    """Move a finished folder (made privately beside ``final``) into place; if another process published
+    ``final`` first, keep theirs and drop ours. Returns ``final``."""
+    import shutil
+
+    staged, final = os.fspath(staged), os.fspath(final)
+    if os.path.lexists(final):
+        shutil.rmtree(staged, ignore_errors=True)
+        if not os.path.isdir(final) or os.path.islink(final):
+            raise ValueError(f"{final!r} exists and is not a folder made by mixquant")
+        return final
+    try:
+        os.rename(staged, final)  # a folder rename never replaces an existing, non-empty one
+    except OSError:
+        shutil.rmtree(staged, ignore_errors=True)
+        if not os.path.isdir(final):
+            raise
+    return final

