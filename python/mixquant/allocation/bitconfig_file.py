@@ -1,4 +1,10 @@
-"""The bit-config file format, and its strict parser: every field is checked before use."""
+"""The bit-config file format, and its strict parser: every field is checked before use.
+
+Version 2 adds the group-wise layout: a top-level ``group_size`` (null or an
+int), a layer's own ``group_size`` when the budget rule chose the layout per
+layer, and a layer's ``tied`` list (the other modules sharing its weight).
+Version-1 files (per channel or per tensor, no ties) are still read.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,8 @@ from typing import Any, Mapping
 from ..core.limits import CLIP_METHODS, MAX_BITS, MIN_BITS
 
 FORMAT = "mixquant.bitconfig"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 METRICS = ("sse", "mse", "norm", "max_abs")
 MAX_LAYERS = 100_000
 MAX_DIMS = 8
@@ -50,8 +57,8 @@ def parse_bitconfig(cls: type, data: Mapping[str, Any]) -> Any:
     if data.get("format") != FORMAT:
         _fail(f"'format' must be {FORMAT!r}, got {data.get('format')!r}")
     version = data.get("version")
-    if version != VERSION:
-        _fail(f"unsupported version {version!r} (this mixquant reads version {VERSION})")
+    if isinstance(version, bool) or version not in READABLE_VERSIONS:
+        _fail(f"unsupported version {version!r} (this mixquant reads versions {READABLE_VERSIONS})")
     per_channel = _bool(data.get("per_channel"), "per_channel")
     symmetric = _bool(data.get("symmetric"), "symmetric")
     clip = data.get("clip")
@@ -60,6 +67,14 @@ def parse_bitconfig(cls: type, data: Mapping[str, Any]) -> Any:
     p = _number(data.get("p"), "p")
     if p <= 0:
         _fail(f"p must be positive, got {p}")
+    if version == 1:
+        if "group_size" in data:
+            _fail("'group_size' needs version 2")
+        group_size = None
+    else:
+        if "group_size" not in data:
+            _fail("'group_size' is missing (null for per-channel or per-tensor)")
+        group_size = _group_size(data["group_size"], "group_size", per_channel)
     candidates = data.get("candidates")
     if not isinstance(candidates, list) or not candidates or len(candidates) > MAX_BITS:
         _fail("candidates must be a non-empty list of bit-widths")
@@ -73,7 +88,7 @@ def parse_bitconfig(cls: type, data: Mapping[str, Any]) -> Any:
     layers = data.get("layers")
     if not isinstance(layers, list) or not layers or len(layers) > MAX_LAYERS:
         _fail("layers must be a non-empty list")
-    bits, shapes, groups, errors = {}, {}, {}, {}
+    bits, shapes, groups, errors, layer_gs, tied = {}, {}, {}, {}, {}, {}
     for i, layer in enumerate(layers):
         if not isinstance(layer, dict):
             _fail(f"layer #{i} must be an object")
@@ -89,22 +104,62 @@ def parse_bitconfig(cls: type, data: Mapping[str, Any]) -> Any:
         shapes[name] = tuple(_int(s, f"shape of layer {name!r}", 1, MAX_NUMEL) for s in shape)
         if math.prod(shapes[name]) > MAX_NUMEL:
             _fail(f"layer {name!r} is impossibly large")
-        groups[name] = _int(layer.get("groups"), f"groups of layer {name!r}", 1, max(shapes[name]))
+        if version == 1 and ("group_size" in layer or "tied" in layer):
+            _fail(f"layer {name!r}: 'group_size' and 'tied' need version 2")
+        if "group_size" in layer:
+            layer_gs[name] = _group_size(layer["group_size"], f"group_size of layer {name!r}", per_channel)
+        gs = layer_gs.get(name, group_size)
+        groups[name] = _int(layer.get("groups"), f"groups of layer {name!r}", 1,
+                            max(shapes[name]) if gs is None else math.prod(shapes[name]))
         if not per_channel and groups[name] != 1:
             _fail(f"layer {name!r} has {groups[name]} groups in a per-tensor config")
+        if gs is not None and not _fits_groups(shapes[name], gs, groups[name]):
+            _fail(f"layer {name!r}: {groups[name]} groups of {gs} do not fit shape {list(shapes[name])}")
+        if "tied" in layer:
+            tied[name] = _tied(layer["tied"], name)
         if "errors" in layer:
             errors[name] = _parse_errors(layer["errors"], name)
     for key in ("avg_bits", "size_bytes"):
         if key in data:
             _number(data[key], key)
+    aliases = [n for others in tied.values() for n in others]
+    clash = next((n for n in aliases if n in bits or aliases.count(n) > 1), None)
+    if clash is not None:
+        _fail(f"{clash!r} is recorded as sharing the weight of a layer and is listed again")
     config = cls(bits=bits, shapes=shapes, groups=groups, per_channel=per_channel, symmetric=symmetric,
-                 clip=clip, p=p, candidates=candidates, rule=dict(rule), errors=errors)
+                 clip=clip, p=p, candidates=candidates, rule=dict(rule), errors=errors, group_size=group_size,
+                 layer_group_size=layer_gs, tied=tied)
     # The stored summary must agree with the layers; a mismatch means the file was edited.
     if "size_bytes" in data and data["size_bytes"] != config.size_bytes:
         _fail(f"size_bytes {data['size_bytes']} does not match the layers ({config.size_bytes})")
     if "avg_bits" in data and abs(data["avg_bits"] - config.avg_bits) > 1e-9 * max(1.0, config.avg_bits):
         _fail(f"avg_bits {data['avg_bits']} does not match the layers ({config.avg_bits})")
     return config
+
+
+def _group_size(value: Any, what: str, per_channel: bool) -> Any:
+    if value is None:
+        return None
+    size = _int(value, what, 1, MAX_NUMEL)
+    if not per_channel:
+        _fail(f"{what} {size} in a per-tensor config (groups split output channels)")
+    return size
+
+
+def _fits_groups(shape: tuple, group_size: int, groups: int) -> bool:
+    """Whether some axis of ``shape`` as the output channels gives ``groups`` groups of ``group_size``."""
+    numel = math.prod(shape)
+    return any(c * -(-(numel // c) // group_size) == groups for c in shape)
+
+
+def _tied(value: Any, name: str) -> list:
+    if not isinstance(value, list) or not value or len(value) > MAX_LAYERS:
+        _fail(f"tied of layer {name!r} must be a non-empty list of module names")
+    if not all(isinstance(n, str) and len(n) <= 1000 for n in value) or len(set(value)) != len(value):
+        _fail(f"tied of layer {name!r} must list distinct module names")
+    if name in value:
+        _fail(f"layer {name!r} is listed as tied to itself")
+    return list(value)
 
 
 def _parse_errors(table: Any, name: str) -> dict:
