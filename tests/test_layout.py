@@ -31,6 +31,7 @@ RANKS = {
     "mixquant.core": 1,
     "mixquant.io.files": 1,
     "mixquant.io.models": 1,
+    "mixquant.io.checkpoint": 1,
     "mixquant.nn": 2,
     "mixquant.allocation": 3,
     "mixquant.methods": 3,
