@@ -735,6 +735,25 @@ py::array_t<float> group_dequantize(py::object codes_obj, py::object scale_obj, 
   fail("codes must be a uint8 or uint16 array, got dtype " + std::string(py::str(dt)));
 }
 
+void widen_16(py::object src_obj, const std::string& kind, py::object out_obj, int64_t num_threads) {
+  if (kind != "bfloat16" && kind != "float16") fail("kind must be 'bfloat16' or 'float16', got '" + kind + "'");
+  if (!py::isinstance<py::array>(src_obj) ||
+      !py::reinterpret_borrow<py::array>(src_obj).dtype().equal(py::dtype::of<uint16_t>()))
+    fail("src must be a uint16 numpy array (the bit patterns)");
+  auto src = U16::ensure(src_obj);
+  if (!src) fail("src must be a uint16 numpy array");
+  if (!py::isinstance<py::array_t<float>>(out_obj)) fail("out must be a float32 numpy array");
+  auto out = py::reinterpret_borrow<py::array_t<float>>(out_obj);
+  if (!(out.flags() & py::array::c_style) || !out.writeable())
+    fail("out must be a writeable C-contiguous float32 array");
+  if (out.size() < src.size())
+    fail("out holds " + std::to_string(out.size()) + " floats, src " + std::to_string(src.size()) + " values");
+  const int nt = check_threads(num_threads);
+  float* dst = out.mutable_data();
+  py::gil_scoped_release release;
+  mixquant::widen_16(src.data(), src.size(), kind == "bfloat16", nt, dst);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -784,6 +803,8 @@ PYBIND11_MODULE(_core, m) {
   m.def("unpack_bits", &unpack_bits, "packed"_a, "bits"_a, "n"_a,
         "Unpack n codes from an LSB-first bit stream (uint8 if bits <= 8, else uint16).");
 
+  m.def("widen_16", &widen_16, "src"_a, "kind"_a, "out"_a, "num_threads"_a,
+        "Write the float32 values of uint16 bfloat16/float16 bit patterns into out[:src.size] (exact).");
   m.def("group_minmax", &group_minmax, "w"_a, "group_size"_a, "num_threads"_a,
         "Per-group (min, max) over finite values of a 2-D float32 w (groups of group_size consecutive elements "
         "of each row, the last one possibly short): (lo[C*G], hi[C*G], n_nonfinite).");

@@ -1054,3 +1054,55 @@ void group_dequantize(const uint16_t* codes, int64_t C, int64_t K, int64_t group
 }
 
 }  // namespace mixquant
+
+// ================================================================ widening ==
+namespace mixquant {
+namespace {
+
+inline float bf16_to_float(uint16_t h) {
+  const uint32_t u = static_cast<uint32_t>(h) << 16;  // bfloat16 is the top half of a float32
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+inline float f16_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu;
+  uint32_t u;
+  if (exp == 0x1fu) {
+    u = sign | 0x7f800000u | (mant << 13);  // Inf, or NaN with its payload
+  } else if (exp != 0) {
+    u = sign | ((exp + 112u) << 23) | (mant << 13);  // rebias 15 -> 127
+  } else {
+    const float v = static_cast<float>(mant) * 0x1p-24f;  // zero or subnormal: exact
+    std::memcpy(&u, &v, sizeof u);
+    u |= sign;
+  }
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+}  // namespace
+
+void widen_16(const uint16_t* src, int64_t n, bool bfloat16, int num_threads, float* out) {
+  // Chunks of the elementwise kernels; the conversion runs in the core's own
+  // threads, so no second thread pool spins beside the table that follows.
+  const int64_t chunks = (n + kElemChunk - 1) / kElemChunk;
+  const int nt = clamp_threads(num_threads, chunks);
+  (void)nt;  // only read by the OpenMP pragma
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nt) schedule(static)
+#endif
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t lo = c * kElemChunk, hi = lo + kElemChunk < n ? lo + kElemChunk : n;
+    if (bfloat16) {
+      for (int64_t i = lo; i < hi; ++i) out[i] = bf16_to_float(src[i]);
+    } else {
+      for (int64_t i = lo; i < hi; ++i) out[i] = f16_to_float(src[i]);
+    }
+  }
+}
+
+}  // namespace mixquant

@@ -118,4 +118,7 @@ void group_dequantize(const uint8_t* codes, int64_t C, int64_t K, int64_t group_
 void group_dequantize(const uint16_t* codes, int64_t C, int64_t K, int64_t group_size, const float* scale,
                       const int32_t* zero_point, int bits, int num_threads, float* out);
 
+// float32 values of n bfloat16 (or IEEE float16) bit patterns, exactly.
+void widen_16(const uint16_t* src, int64_t n, bool bfloat16, int num_threads, float* out);
+
 }  // namespace mixquant

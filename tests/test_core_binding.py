@@ -678,3 +678,25 @@ def test_float64_and_noncontiguous_inputs_are_converted() -> None:
     b = _core.channel_minmax(wt, 1)
     np.testing.assert_array_equal(a[0], b[0])
     np.testing.assert_array_equal(a[1], b[1])
+
+
+def test_widen_16_is_exact_for_every_bit_pattern() -> None:
+    bits = np.arange(2**16, dtype=np.uint16)
+    for kind, dtype in (("bfloat16", torch.bfloat16), ("float16", torch.float16)):
+        want = torch.from_numpy(bits.view(np.int16).copy()).view(dtype).float().numpy()
+        for nt in (1, 3):
+            out = np.full(2**16 + 5, 7.0, np.float32)
+            _core.widen_16(bits, kind, out, nt)
+            nan = np.isnan(want)
+            np.testing.assert_array_equal(np.isnan(out[:2**16]), nan)
+            np.testing.assert_array_equal(out[:2**16][~nan].view(np.uint32), want[~nan].view(np.uint32))
+            assert (out[2**16:] == 7.0).all()  # nothing written past src.size
+    for bad, match in [(lambda: _core.widen_16(bits, "float32", np.empty(2**16, np.float32), 1), "kind"),
+                       (lambda: _core.widen_16(bits.astype(np.int32), "float16", np.empty(2**16, np.float32), 1),
+                        "src"),
+                       (lambda: _core.widen_16(bits, "float16", np.empty(10, np.float32), 1), "out holds"),
+                       (lambda: _core.widen_16(bits, "float16", np.empty(2**16, np.float64), 1), "out must"),
+                       (lambda: _core.widen_16(bits, "float16", np.empty((2, 2**16), np.float32)[:, ::2], 1),
+                        "out must")]:
+        with pytest.raises(ValueError, match=match):
+            bad()

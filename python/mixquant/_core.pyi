@@ -151,3 +151,6 @@ def group_dequantize(
     codes: _Codes, scale: npt.ArrayLike, zero_point: npt.ArrayLike, bits: int, group_size: int, num_threads: int
 ) -> _F32:
     """Group-wise ``(codes - zero_point) * scale`` as float32 ``[C, K]``."""
+
+def widen_16(src: npt.NDArray[np.uint16], kind: str, out: _F32, num_threads: int) -> None:
+    """Write the float32 values of ``src`` (bfloat16 or float16 bit patterns, ``kind``) into ``out[:src.size]``."""

@@ -45,7 +45,11 @@ def layout_tables(
     num_threads: Optional[int] = None,
     progress: bool = False,
 ) -> Dict[str, Dict[Optional[int], RoundoffError]]:
-    """Every layer's table under ``spec`` with each of ``group_sizes`` (None: per channel): ``[name][group_size]``."""
+    """Every layer's table under ``spec`` with each of ``group_sizes`` (None: per channel): ``[name][group_size]``.
+
+    Only the per-bit-width figures are kept (:meth:`RoundoffError.totals`): the
+    per-group parameters of a large model would take as much memory as its weights.
+    """
     items = list(layers.items())
     if progress:
         from tqdm.auto import tqdm
@@ -54,7 +58,7 @@ def layout_tables(
     return {
         name: {gs: spec_roundoff_error(module.weight, bits[name], spec.replace(group_size=gs),
                                        ch_axis=channel_axis(module), backend=backend, num_threads=num_threads,
-                                       name=f"weight of layer {name!r}")
+                                       name=f"weight of layer {name!r}").totals()
                for gs in group_sizes}
         for name, module in items
     }

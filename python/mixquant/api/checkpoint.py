@@ -13,7 +13,9 @@ search: rows are independent, so the tables are exactly the ones
 from __future__ import annotations
 
 import fnmatch
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import torch
 
 from ..allocation.rules import DEFAULT_OBJECTIVE
 from ..allocation.bitconfig import BitConfig
@@ -21,16 +23,17 @@ from ..core.backend import resolve_backend, resolve_threads
 from ..core.error import RoundoffError, join_rows, row_table
 from ..core.limits import DEFAULT_CANDIDATES, DEFAULT_P
 from ..core.spec import QuantizerSpec
-from ..core.tensors import as_matrix
+from ..core.tensors import as_matrix, widen_into
 from ..io.checkpoint import FLOAT_DTYPES, TensorInfo, list_tensors, read_rows, read_tensor
 from .search import GroupSizes, _check_keep, check_rule, decide, layout_options
 
-__all__ = ["search_checkpoint", "checkpoint_layers", "ROWS_ELEMS"]
+__all__ = ["search_checkpoint", "checkpoint_layers", "layer_runs", "ROWS_ELEMS"]
 
-# Weights per run of rows (32 MiB of float32): large enough for the kernels to
-# run at full speed, small enough that a run and its bfloat16 source stay a
-# small part of the memory a search holds.
-ROWS_ELEMS = 8 * 2**20
+# Most weights per run of rows (128 MiB of float32, fewer when no layer is that
+# large). Runs this long keep the kernels' per-call costs (thread start-up and
+# the barrier at the end, which a busy machine makes expensive) small; a run
+# and its bfloat16 source stay under 200 MB.
+ROWS_ELEMS = 32 * 2**20
 
 
 def _layer_name(tensor_name: str) -> Optional[str]:
@@ -75,26 +78,50 @@ def checkpoint_layers(tensors: Iterable[TensorInfo], include: Optional[Sequence[
     return layers
 
 
-def _tables(name: str, info: TensorInfo, ch_axis: int, bits: List[int], specs: Mapping[Optional[int], QuantizerSpec],
-            be: str, nt: int, bar) -> Dict[Optional[int], RoundoffError]:
-    """The layer's table under each spec, from runs of rows read one after the other."""
-    label = f"weight of layer {name!r}"
+def _as_rows(raw: torch.Tensor, buf: torch.Tensor, ch_axis: int, label: str, be: str, nt: int) -> torch.Tensor:
+    """``raw`` as the float32 matrix of :func:`as_matrix`; a bfloat16/float16 run is converted into ``buf``,
+    reused from run to run (fresh memory for every run would cost a page fault per 4 KiB)."""
+    if ch_axis != 0 or raw.dtype not in (torch.bfloat16, torch.float16) or raw.numel() > buf.numel() \
+            or not raw.is_contiguous():
+        return as_matrix(raw, ch_axis, label)
+    return widen_into(raw, buf, be, nt).view(raw.shape[0], -1)
+
+
+def layer_runs(info: TensorInfo, ch_axis: int, by_rows: bool, buf: torch.Tensor, label: str,
+               backend: Optional[str] = None, num_threads: Optional[int] = None) -> Iterator[Tuple[torch.Tensor, int]]:
+    """The float32 ``[C, K]`` matrix of a layer run by run (or whole, unless ``by_rows``), with the bytes read.
+
+    Runs of rows keep rows whole and hold at most ``buf.numel()`` weights (one
+    row at least); a run is only valid until the next one is read (it may live
+    in ``buf``).
+    """
+    be, nt = resolve_backend(backend), resolve_threads(num_threads)
     row = info.numel // info.shape[0]
-    # Runs of rows keep rows whole; a per-tensor range or channels on another axis need the whole tensor.
-    by_rows = ch_axis == 0 and all(s.per_channel for s in specs.values())
-    step = max(1, ROWS_ELEMS // row) if by_rows else info.shape[0]
-    parts: Dict[Optional[int], list] = {gs: [] for gs in specs}
+    by_rows = by_rows and ch_axis == 0
+    step = max(1, buf.numel() // row) if by_rows else info.shape[0]
     for start in range(0, info.shape[0], step):
         stop = min(start + step, info.shape[0])
         raw = read_rows(info, start, stop) if by_rows else read_tensor(info)
-        m = as_matrix(raw, ch_axis, label)
+        m = _as_rows(raw, buf, ch_axis, label, be, nt)
         del raw
+        yield m, (stop - start) * row * (info.nbytes // info.numel)
+
+
+def _tables(name: str, info: TensorInfo, ch_axis: int, bits: List[int], specs: Mapping[Optional[int], QuantizerSpec],
+            be: str, nt: int, bar, buf: torch.Tensor) -> Dict[Optional[int], RoundoffError]:
+    """The layer's table under each spec, from runs of rows read one after the other."""
+    label = f"weight of layer {name!r}"
+    # Rows are independent unless a per-tensor range needs the whole tensor first.
+    by_rows = all(s.per_channel for s in specs.values())
+    parts: Dict[Optional[int], list] = {gs: [] for gs in specs}
+    for m, nbytes in layer_runs(info, ch_axis, by_rows, buf, label, be, nt):
         for gs, spec in specs.items():
             parts[gs].append(row_table(m, bits, spec, be, nt, label))
-        del m
         if bar is not None:
-            bar.update((stop - start) * row * info.nbytes // info.numel)
-    return {gs: join_rows(parts[gs], bits, spec, info.numel, label) for gs, spec in specs.items()}
+            bar.update(nbytes)
+    # Only the per-bit figures are needed to choose bits: drop the per-row and per-group arrays now
+    # (kept for every layer of a large model they would outgrow the runs).
+    return {gs: join_rows(parts[gs], bits, spec, info.numel, label).totals() for gs, spec in specs.items()}
 
 
 def search_checkpoint(
@@ -130,9 +157,9 @@ def search_checkpoint(
     patterns on those names. ``transposed`` names (globs) the layers whose
     output channels are on axis 1 (GPT-2's ``Conv1D``, ``ConvTranspose*``);
     every other layer has them on axis 0. ``progress`` shows a bar of bytes read.
-    Peak memory is about one run of rows (:data:`ROWS_ELEMS` weights in float32)
-    plus the tables, except for per-tensor quantizers and transposed layers,
-    which read a whole tensor.
+    Peak memory is about one run of rows (at most :data:`ROWS_ELEMS` weights in
+    float32, plus its bfloat16/float16 source) and one layer's tables, except for
+    per-tensor quantizers and transposed layers, which read a whole tensor.
     """
     rule = check_rule(bits, qem, ref_bits, qem_reference, avg_bits, max_bytes, bits_per_weight, objective)
     spec = QuantizerSpec(per_channel, symmetric, clip, p)
@@ -152,12 +179,13 @@ def search_checkpoint(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=sum(t.nbytes for t in layers.values()), desc="roundoff error", unit="B", unit_scale=True)
+    buf = torch.empty(min(ROWS_ELEMS, max(t.numel for t in layers.values())), dtype=torch.float32)
     try:
         tables = {}
         for name, info in layers.items():
             if bar is not None:
                 bar.set_postfix_str(info.name, refresh=False)
-            tables[name] = _tables(name, info, axes[name], table_bits[name], specs, be, nt, bar)
+            tables[name] = _tables(name, info, axes[name], table_bits[name], specs, be, nt, bar, buf)
     finally:
         if bar is not None:
             bar.close()

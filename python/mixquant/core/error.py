@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Iterable, List, Optional, Sequence
 
@@ -47,6 +48,13 @@ class RoundoffError:
     symmetric: bool
     clip: str
     group_size: Optional[int] = None
+
+    def totals(self) -> "RoundoffError":
+        """A copy with the per-bit-width figures only (``scale``, ``zero_point`` and the per-channel
+        tables emptied to ``[B, 0]``): what a search keeps of every layer."""
+        empty = np.empty((len(self.bits), 0))
+        return dataclasses.replace(self, scale=empty.astype(np.float32), zero_point=empty.astype(np.int32),
+                                   channel_sse=empty, channel_max_abs=empty.astype(np.float32))
 
     def at(self, bits: int) -> dict:
         """The error figures at one bit-width as a dict."""
