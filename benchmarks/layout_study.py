@@ -33,7 +33,7 @@ LAYOUTS = {"channel": None, "g128": 128, "g64": 64, "g32": 32, "chosen": [None, 
 
 def mobilenet():
     model = zoo.mobilenet_v2()
-    x = torch.cat([torch.stack(zoo.imagenet_crops(img, 10)) for img, _, _ in zoo.imagenet_photos()])
+    x = torch.cat([zoo.imagenet_crops(img, 10) for img, _, _ in zoo.imagenet_photos()])
 
     def score(q):
         agree, kl = zoo.agreement_and_kl(q, model, x.split(50))

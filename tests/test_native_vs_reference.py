@@ -145,10 +145,11 @@ def test_conv_transpose_channel_axis():
 
 # ------------------------------------------------------------------ groups ----
 group_sizes = st.sampled_from([1, 3, 7, 32, 64, 128, 1000])
+GROUP_SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @pytest.mark.parametrize("level", LEVELS)
-@SETTINGS
+@GROUP_SETTINGS
 @given(w=weights(), bits=bits_lists, group_size=group_sizes, symmetric=st.booleans())
 def test_group_roundoff_error(level, w, bits, group_size, symmetric):
     kw = dict(per_channel=True, symmetric=symmetric, group_size=group_size)
@@ -164,7 +165,7 @@ def test_group_roundoff_error(level, w, bits, group_size, symmetric):
 
 
 @pytest.mark.parametrize("level", LEVELS)
-@SETTINGS
+@GROUP_SETTINGS
 @given(w=weights(max_k=120), bits=st.lists(st.integers(2, 8), min_size=1, max_size=3, unique=True),
        group_size=group_sizes, symmetric=st.booleans(), p=st.sampled_from([2.0, 2.4, 1.0]),
        grid=st.sampled_from([(1, 0.01), (7, 0.1), (20, 0.02)]))
@@ -185,7 +186,7 @@ def test_group_clip_search_and_mse_table(level, w, bits, group_size, symmetric, 
 
 
 @pytest.mark.parametrize("level", LEVELS)
-@SETTINGS
+@GROUP_SETTINGS
 @given(w=weights(), bits=st.integers(1, 16), group_size=group_sizes, symmetric=st.booleans())
 def test_group_qparams_fake_quantize_codes(level, w, bits, group_size, symmetric):
     kw = dict(per_channel=True, symmetric=symmetric, group_size=group_size)
