@@ -314,6 +314,18 @@ py::tuple minmax_error_table(py::object w_obj, py::object bits_obj, bool per_cha
   return py::make_tuple(lo, hi, scale, zp, sse, max_abs, energy, bad);
 }
 
+// The clipping grid and norm of clip_search and group_clip_search.
+void check_clip_grid(int64_t n_grid, double step, double p) {
+  if (n_grid < 1) fail("n_grid must be >= 1, got " + std::to_string(n_grid));
+  if (n_grid > lim::kMaxNGrid)
+    fail("n_grid must be <= " + std::to_string(lim::kMaxNGrid) + ", got " + std::to_string(n_grid));
+  if (!(step > 0.0) || !std::isfinite(step)) fail("step must be > 0, got " + std::to_string(step));
+  if (!lim::clip_grid_ok(n_grid, step))
+    fail("(n_grid - 1) * step must be < 1 so that every clipping factor 1 - i*step stays > 0, got " +
+         std::to_string(static_cast<double>(n_grid - 1) * step));
+  if (!(p > 0.0) || !std::isfinite(p)) fail("p must be finite and > 0, got " + std::to_string(p));
+}
+
 py::tuple clip_search(py::object w_obj, py::object lo_obj, py::object hi_obj, py::object bits_obj,
                       bool symmetric, int64_t n_grid, double step, double p, int64_t num_threads) {
   int64_t C, K;
@@ -329,14 +341,7 @@ py::tuple clip_search(py::object w_obj, py::object lo_obj, py::object hi_obj, py
   check_finite(hi.data(), S, "hi");
   const std::vector<int> bits = bits_list(bits_obj);
   const int64_t B = static_cast<int64_t>(bits.size());
-  if (n_grid < 1) fail("n_grid must be >= 1, got " + std::to_string(n_grid));
-  if (n_grid > lim::kMaxNGrid)
-    fail("n_grid must be <= " + std::to_string(lim::kMaxNGrid) + ", got " + std::to_string(n_grid));
-  if (!(step > 0.0) || !std::isfinite(step)) fail("step must be > 0, got " + std::to_string(step));
-  if (!lim::clip_grid_ok(n_grid, step))
-    fail("(n_grid - 1) * step must be < 1 so that every clipping factor 1 - i*step stays > 0, got " +
-         std::to_string(static_cast<double>(n_grid - 1) * step));
-  if (!(p > 0.0) || !std::isfinite(p)) fail("p must be finite and > 0, got " + std::to_string(p));
+  check_clip_grid(n_grid, step, p);
   const int nt = check_threads(num_threads);
   // The fused search keeps one error sum per candidate, group and chunk: refuse
   // requests whose working memory alone would exhaust the machine.
@@ -630,14 +635,7 @@ py::tuple group_clip_search(py::object w_obj, py::object lo_obj, py::object hi_o
   check_finite(hi.data(), S, "hi");
   const std::vector<int> bits = bits_list(bits_obj);
   const int64_t B = static_cast<int64_t>(bits.size());
-  if (n_grid < 1) fail("n_grid must be >= 1, got " + std::to_string(n_grid));
-  if (n_grid > lim::kMaxNGrid)
-    fail("n_grid must be <= " + std::to_string(lim::kMaxNGrid) + ", got " + std::to_string(n_grid));
-  if (!(step > 0.0) || !std::isfinite(step)) fail("step must be > 0, got " + std::to_string(step));
-  if (!lim::clip_grid_ok(n_grid, step))
-    fail("(n_grid - 1) * step must be < 1 so that every clipping factor 1 - i*step stays > 0, got " +
-         std::to_string(static_cast<double>(n_grid - 1) * step));
-  if (!(p > 0.0) || !std::isfinite(p)) fail("p must be finite and > 0, got " + std::to_string(p));
+  check_clip_grid(n_grid, step, p);
   const int nt = check_threads(num_threads);
   const int64_t scratch = mixquant::group_clip_search_scratch_bytes(C, K, gs, B, n_grid, nt);
   if (scratch > lim::kMaxClipScratchBytes)

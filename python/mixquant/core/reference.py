@@ -138,6 +138,11 @@ def clip_search(
     """
     per_tensor = lo.numel() == 1 and w.shape[0] != 1
     rows = w.reshape(1, -1) if per_tensor else w
+    return _clip_rows(rows, lo, hi, bits, symmetric, n_grid, step, p, qparams)
+
+
+def _clip_rows(rows, lo, hi, bits, symmetric, n_grid, step, p, make_qparams):
+    """The clipping search with one range per row of ``rows``; ``make_qparams(lo, hi, bits, symmetric)``."""
     groups = lo.numel()
     lo_d = torch.clamp(lo.to(torch.float32), max=0.0).double()
     hi_d = torch.clamp(hi.to(torch.float32), min=0.0).double()
@@ -148,7 +153,7 @@ def clip_search(
     for bi, b in enumerate(bits):
         for i in range(n_grid):
             factor = 1.0 - i * step
-            scale, zp = qparams((lo_d * factor).float(), (hi_d * factor).float(), int(b), symmetric)
+            scale, zp = make_qparams((lo_d * factor).float(), (hi_d * factor).float(), int(b), symmetric)
             err = _lp(rows - fake_quantize(rows, scale, zp, int(b)), p)
             better = err < out_err[bi]
             out_err[bi] = torch.where(better, err, out_err[bi])
@@ -266,22 +271,4 @@ def group_clip_search(
     n_grid: int, step: float, p: float,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`clip_search` per group (ranges ``lo``/``hi`` ``[C * G]``) with bfloat16 scales; outputs ``[B, C * G]``."""
-    rows = group_view(w, group_size)
-    lo_d = torch.clamp(lo.to(torch.float32), max=0.0).double()
-    hi_d = torch.clamp(hi.to(torch.float32), min=0.0).double()
-    groups = rows.shape[0]
-    out_idx = torch.zeros(len(bits), groups, dtype=torch.int32)
-    out_scale = torch.empty(len(bits), groups, dtype=torch.float32)
-    out_zp = torch.empty(len(bits), groups, dtype=torch.int32)
-    out_err = torch.full((len(bits), groups), float("inf"), dtype=torch.float64)
-    for bi, b in enumerate(bits):
-        for i in range(n_grid):
-            factor = 1.0 - i * step
-            scale, zp = group_qparams((lo_d * factor).float(), (hi_d * factor).float(), int(b), symmetric)
-            err = _lp(rows - fake_quantize(rows, scale, zp, int(b)), p)
-            better = err < out_err[bi]
-            out_err[bi] = torch.where(better, err, out_err[bi])
-            out_idx[bi] = torch.where(better, torch.full_like(out_idx[bi], i), out_idx[bi])
-            out_scale[bi] = torch.where(better, scale, out_scale[bi])
-            out_zp[bi] = torch.where(better, zp, out_zp[bi])
-    return out_idx, out_scale, out_zp, out_err
+    return _clip_rows(group_view(w, group_size), lo, hi, bits, symmetric, n_grid, step, p, group_qparams)
