@@ -356,6 +356,18 @@ py::tuple minmax_error_table(py::object w_obj, py::object bits_obj, bool per_cha
   return py::make_tuple(lo, hi, scale, zp, sse, max_abs, energy, bad);
 }
 
+// The clipping grid and norm of clip_search and group_clip_search.
+void check_clip_grid(int64_t n_grid, double step, double p) {
+  if (n_grid < 1) fail("n_grid must be >= 1, got " + std::to_string(n_grid));
+  if (n_grid > lim::kMaxNGrid)
+    fail("n_grid must be <= " + std::to_string(lim::kMaxNGrid) + ", got " + std::to_string(n_grid));
+  if (!(step > 0.0) || !std::isfinite(step)) fail("step must be > 0, got " + std::to_string(step));
+  if (!lim::clip_grid_ok(n_grid, step))
+    fail("(n_grid - 1) * step must be < 1 so that every clipping factor 1 - i*step stays > 0, got " +
+         std::to_string(static_cast<double>(n_grid - 1) * step));
+  if (!(p > 0.0) || !std::isfinite(p)) fail("p must be finite and > 0, got " + std::to_string(p));
+}
+
 py::tuple clip_search(py::object w_obj, py::object lo_obj, py::object hi_obj, py::object bits_obj,
                       bool symmetric, int64_t n_grid, double step, double p, int64_t num_threads) {
   int64_t C, K;
@@ -371,14 +383,7 @@ py::tuple clip_search(py::object w_obj, py::object lo_obj, py::object hi_obj, py
   check_finite(hi.data(), S, "hi");
   const std::vector<int> bits = bits_list(bits_obj);
   const int64_t B = static_cast<int64_t>(bits.size());
-  if (n_grid < 1) fail("n_grid must be >= 1, got " + std::to_string(n_grid));
-  if (n_grid > lim::kMaxNGrid)
-    fail("n_grid must be <= " + std::to_string(lim::kMaxNGrid) + ", got " + std::to_string(n_grid));
-  if (!(step > 0.0) || !std::isfinite(step)) fail("step must be > 0, got " + std::to_string(step));
-  if (!lim::clip_grid_ok(n_grid, step))
-    fail("(n_grid - 1) * step must be < 1 so that every clipping factor 1 - i*step stays > 0, got " +
-         std::to_string(static_cast<double>(n_grid - 1) * step));
-  if (!(p > 0.0) || !std::isfinite(p)) fail("p must be finite and > 0, got " + std::to_string(p));
+  check_clip_grid(n_grid, step, p);
   const int nt = check_threads(num_threads);
   // The fused search keeps one error sum per candidate, group and chunk: refuse
   // requests whose working memory alone would exhaust the machine.
@@ -588,6 +593,258 @@ void unpack_dequantize(py::object packed_obj, int64_t bits, int64_t outer, int64
   mixquant::unpack_dequantize(packed.data(), b, outer, channels, inner, block, scale.data(), zp.data(), nt, dst);
 }
 
+
+// ------------------------------------------------------------------ groups ----
+int64_t check_group_size(int64_t gs) {
+  if (gs < 1) fail("group_size must be >= 1, got " + std::to_string(gs));
+  return gs;
+}
+
+// Group parameters of the element-wise ops: C * G values (1-D, or 2-D [C, G]).
+struct GroupParams {
+  F32 scale;
+  std::vector<int32_t> zp;
+};
+
+GroupParams group_params(py::handle scale_obj, py::handle zp_obj, int bits, int64_t C, int64_t G) {
+  GroupParams p;
+  p.scale = as_f32(scale_obj, "scale");
+  I64 z = as_i64(zp_obj, "zero_point");
+  const int64_t S = C * G;
+  if (p.scale.ndim() > 2 || p.scale.size() != S)
+    fail("scale must hold C * G = " + std::to_string(C) + " * " + std::to_string(G) +
+         " values (one per group), got shape " + shape_str(p.scale));
+  if (z.ndim() > 2 || z.size() != S)
+    fail("zero_point must hold C * G = " + std::to_string(S) + " values, got shape " + shape_str(z));
+  check_scales(p.scale.data(), S, "scale");
+  p.zp = zero_points(z, std::vector<int>(1, bits), S > 0 ? S : 1, "zero_point");
+  return p;
+}
+
+py::tuple group_minmax(py::object w_obj, int64_t group_size, int64_t num_threads) {
+  int64_t C, K;
+  F32 w = weight_arg(w_obj, false, &C, &K);
+  const int64_t gs = check_group_size(group_size);
+  const int nt = check_threads(num_threads);
+  const int64_t S = C * mixquant::group_count(K, gs);
+  py::array_t<float> lo(S), hi(S);
+  int64_t bad = 0;
+  {
+    py::gil_scoped_release release;
+    mixquant::group_minmax(w.data(), C, K, gs, nt, lo.mutable_data(), hi.mutable_data(), &bad);
+  }
+  return py::make_tuple(lo, hi, bad);
+}
+
+py::tuple group_qparams(py::object lo_obj, py::object hi_obj, int64_t bits, bool symmetric) {
+  F32 lo = as_f32(lo_obj, "lo"), hi = as_f32(hi_obj, "hi");
+  check_ndim(lo, 1, "lo");
+  check_ndim(hi, 1, "hi");
+  if (lo.size() != hi.size())
+    fail("lo and hi must have the same length, got " + std::to_string(lo.size()) + " and " +
+         std::to_string(hi.size()));
+  const int b = check_bits(bits);
+  const int64_t n = lo.size();
+  check_finite(lo.data(), n, "lo");
+  check_finite(hi.data(), n, "hi");
+  py::array_t<float> scale(n);
+  py::array_t<int32_t> zp(n);
+  {
+    py::gil_scoped_release release;
+    mixquant::group_qparams(lo.data(), hi.data(), n, b, symmetric, scale.mutable_data(), zp.mutable_data());
+  }
+  return py::make_tuple(scale, zp);
+}
+
+py::tuple group_minmax_error_table(py::object w_obj, py::object bits_obj, int64_t group_size,
+                                   bool symmetric, int64_t num_threads) {
+  int64_t C, K;
+  F32 w = weight_arg(w_obj, false, &C, &K);
+  const std::vector<int> bits = bits_list(bits_obj);
+  const int64_t B = static_cast<int64_t>(bits.size());
+  const int64_t gs = check_group_size(group_size);
+  const int nt = check_threads(num_threads);
+  const int64_t S = C * mixquant::group_count(K, gs);
+  py::array_t<float> lo(S), hi(S), scale({B, S}), max_abs({B, C});
+  py::array_t<int32_t> zp({B, S});
+  py::array_t<double> sse({B, C}), energy(C);
+  int64_t bad = 0;
+  {
+    py::gil_scoped_release release;
+    const std::vector<int32_t> bits32(bits.begin(), bits.end());
+    mixquant::group_minmax_error_table(w.data(), C, K, gs, bits32.data(), B, symmetric, nt,
+                                       lo.mutable_data(), hi.mutable_data(), scale.mutable_data(),
+                                       zp.mutable_data(), sse.mutable_data(), max_abs.mutable_data(),
+                                       energy.mutable_data(), &bad);
+  }
+  return py::make_tuple(lo, hi, scale, zp, sse, max_abs, energy, bad);
+}
+
+py::tuple group_error_table(py::object w_obj, py::object scale_obj, py::object zp_obj, py::object bits_obj,
+                            int64_t group_size, int64_t num_threads) {
+  int64_t C, K;
+  F32 w = weight_arg(w_obj, false, &C, &K);
+  const std::vector<int> bits = bits_list(bits_obj);
+  const int64_t B = static_cast<int64_t>(bits.size());
+  const int64_t gs = check_group_size(group_size);
+  const int64_t S = C * mixquant::group_count(K, gs);
+  F32 scale = as_f32(scale_obj, "scale");
+  I64 z = as_i64(zp_obj, "zero_point");
+  check_ndim(scale, 2, "scale");
+  check_ndim(z, 2, "zero_point");
+  if (scale.shape(0) != B || scale.shape(1) != S)
+    fail("scale must have shape (B, C * G) = (" + std::to_string(B) + ", " + std::to_string(S) + "), got " +
+         shape_str(scale));
+  if (z.shape(0) != B || z.shape(1) != S)
+    fail("zero_point must have the same shape as scale " + shape_str(scale) + ", got " + shape_str(z));
+  check_scales(scale.data(), B * S, "scale");
+  const std::vector<int32_t> zp = zero_points(z, bits, S, "zero_point");
+  const int nt = check_threads(num_threads);
+  py::array_t<double> sse({B, C});
+  py::array_t<float> max_abs({B, C});
+  {
+    py::gil_scoped_release release;
+    const std::vector<int32_t> bits32(bits.begin(), bits.end());
+    mixquant::group_error_table(w.data(), C, K, gs, scale.data(), zp.data(), bits32.data(), B, nt,
+                                sse.mutable_data(), max_abs.mutable_data());
+  }
+  return py::make_tuple(sse, max_abs);
+}
+
+py::tuple group_clip_search(py::object w_obj, py::object lo_obj, py::object hi_obj, py::object bits_obj,
+                            int64_t group_size, bool symmetric, int64_t n_grid, double step, double p,
+                            int64_t num_threads) {
+  int64_t C, K;
+  F32 w = weight_arg(w_obj, false, &C, &K);
+  const int64_t gs = check_group_size(group_size);
+  const int64_t S = C * mixquant::group_count(K, gs);
+  F32 lo = as_f32(lo_obj, "lo"), hi = as_f32(hi_obj, "hi");
+  check_ndim(lo, 1, "lo");
+  check_ndim(hi, 1, "hi");
+  if (lo.size() != S || hi.size() != S)
+    fail("lo and hi must have C * G = " + std::to_string(S) + " entries each, got " +
+         std::to_string(lo.size()) + " and " + std::to_string(hi.size()));
+  check_finite(lo.data(), S, "lo");
+  check_finite(hi.data(), S, "hi");
+  const std::vector<int> bits = bits_list(bits_obj);
+  const int64_t B = static_cast<int64_t>(bits.size());
+  check_clip_grid(n_grid, step, p);
+  const int nt = check_threads(num_threads);
+  const int64_t scratch = mixquant::group_clip_search_scratch_bytes(C, K, gs, B, n_grid, nt);
+  if (scratch > lim::kMaxClipScratchBytes)
+    fail("group_clip_search would need " + std::to_string(scratch >> 20) + " MiB of working memory (limit " +
+         std::to_string(lim::kMaxClipScratchBytes >> 20) + " MiB): use fewer grid points or threads");
+  py::array_t<int32_t> best({B, S});
+  py::array_t<float> scale({B, S});
+  py::array_t<int32_t> zp({B, S});
+  py::array_t<double> err({B, S});
+  {
+    py::gil_scoped_release release;
+    const std::vector<int32_t> bits32(bits.begin(), bits.end());
+    mixquant::group_clip_search(w.data(), C, K, gs, lo.data(), hi.data(), bits32.data(), B, symmetric, n_grid,
+                                step, p, nt, best.mutable_data(), scale.mutable_data(), zp.mutable_data(),
+                                err.mutable_data());
+  }
+  return py::make_tuple(best, scale, zp, err);
+}
+
+py::array_t<float> group_fake_quantize(py::object w_obj, py::object scale_obj, py::object zp_obj, int64_t bits,
+                                       int64_t group_size, int64_t num_threads) {
+  int64_t C, K;
+  F32 w = weight_arg(w_obj, false, &C, &K);
+  const int b = check_bits(bits);
+  const int64_t gs = check_group_size(group_size);
+  GroupParams prm = group_params(scale_obj, zp_obj, b, C, mixquant::group_count(K, gs));
+  const int nt = check_threads(num_threads);
+  py::array_t<float> out({C, K});
+  {
+    py::gil_scoped_release release;
+    mixquant::group_fake_quantize(w.data(), C, K, gs, prm.scale.data(), prm.zp.data(), b, nt, out.mutable_data());
+  }
+  return out;
+}
+
+py::array group_quantize(py::object w_obj, py::object scale_obj, py::object zp_obj, int64_t bits,
+                         int64_t group_size, int64_t num_threads) {
+  int64_t C, K;
+  F32 w = weight_arg(w_obj, false, &C, &K);
+  const int b = check_bits(bits);
+  const int64_t gs = check_group_size(group_size);
+  GroupParams prm = group_params(scale_obj, zp_obj, b, C, mixquant::group_count(K, gs));
+  const int nt = check_threads(num_threads);
+  if (b <= 8) {
+    py::array_t<uint8_t> out({C, K});
+    {
+      py::gil_scoped_release release;
+      mixquant::group_quantize(w.data(), C, K, gs, prm.scale.data(), prm.zp.data(), b, nt, out.mutable_data());
+    }
+    return std::move(out);
+  }
+  py::array_t<uint16_t> out({C, K});
+  {
+    py::gil_scoped_release release;
+    mixquant::group_quantize(w.data(), C, K, gs, prm.scale.data(), prm.zp.data(), b, nt, out.mutable_data());
+  }
+  return std::move(out);
+}
+
+template <class T>
+py::array_t<float> group_dequantize_t(py::handle codes_obj, py::handle scale_obj, py::handle zp_obj, int b,
+                                      int64_t gs, int nt) {
+  auto codes = py::array_t<T, py::array::c_style>::ensure(codes_obj);
+  if (!codes) fail("codes must be a uint8 or uint16 array");
+  check_ndim(codes, 2, "codes");
+  const int64_t C = codes.shape(0), K = codes.shape(1);
+  if (C == 0 || K == 0) fail("codes must have at least one row and one column, got shape " + shape_str(codes));
+  GroupParams prm = group_params(scale_obj, zp_obj, b, C, mixquant::group_count(K, gs));
+  py::array_t<float> out({C, K});
+  uint32_t mx = 0;
+  {
+    py::gil_scoped_release release;
+    mx = mixquant::max_code(codes.data(), C * K);
+  }
+  if (mx > (uint32_t{1} << b) - 1)
+    fail("codes must be <= 2**bits - 1 = " + std::to_string((1 << b) - 1) + ", found " + std::to_string(mx));
+  {
+    py::gil_scoped_release release;
+    mixquant::group_dequantize(codes.data(), C, K, gs, prm.scale.data(), prm.zp.data(), b, nt, out.mutable_data());
+  }
+  return out;
+}
+
+py::array_t<float> group_dequantize(py::object codes_obj, py::object scale_obj, py::object zp_obj, int64_t bits,
+                                    int64_t group_size, int64_t num_threads) {
+  const int b = check_bits(bits);
+  const int64_t gs = check_group_size(group_size);
+  const int nt = check_threads(num_threads);
+  if (!py::isinstance<py::array>(codes_obj)) fail("codes must be a uint8 or uint16 numpy array");
+  const auto dt = py::reinterpret_borrow<py::array>(codes_obj).dtype();
+  if (dt.equal(py::dtype::of<uint8_t>()))
+    return group_dequantize_t<uint8_t>(codes_obj, scale_obj, zp_obj, b, gs, nt);
+  if (dt.equal(py::dtype::of<uint16_t>()))
+    return group_dequantize_t<uint16_t>(codes_obj, scale_obj, zp_obj, b, gs, nt);
+  fail("codes must be a uint8 or uint16 array, got dtype " + std::string(py::str(dt)));
+}
+
+void widen_16(py::object src_obj, const std::string& kind, py::object out_obj, int64_t num_threads) {
+  if (kind != "bfloat16" && kind != "float16") fail("kind must be 'bfloat16' or 'float16', got '" + kind + "'");
+  if (!py::isinstance<py::array>(src_obj) ||
+      !py::reinterpret_borrow<py::array>(src_obj).dtype().equal(py::dtype::of<uint16_t>()))
+    fail("src must be a uint16 numpy array (the bit patterns)");
+  auto src = U16::ensure(src_obj);
+  if (!src) fail("src must be a uint16 numpy array");
+  if (!py::isinstance<py::array_t<float>>(out_obj)) fail("out must be a float32 numpy array");
+  auto out = py::reinterpret_borrow<py::array_t<float>>(out_obj);
+  if (!(out.flags() & py::array::c_style) || !out.writeable())
+    fail("out must be a writeable C-contiguous float32 array");
+  if (out.size() < src.size())
+    fail("out holds " + std::to_string(out.size()) + " floats, src " + std::to_string(src.size()) + " values");
+  const int nt = check_threads(num_threads);
+  float* dst = out.mutable_data();
+  py::gil_scoped_release release;
+  mixquant::widen_16(src.data(), src.size(), kind == "bfloat16", nt, dst);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -644,4 +901,27 @@ PYBIND11_MODULE(_core, m) {
         "inner"_a, "block"_a, "scale"_a, "zero_point"_a, "num_threads"_a, "out"_a,
         "Decode outer*channels*inner packed codes into out (float32, in place): element (a, c, r) is "
         "(code - zero_point[i]) * scale[i], i = c * ceil(inner / block) + r // block.");
+
+  m.def("widen_16", &widen_16, "src"_a, "kind"_a, "out"_a, "num_threads"_a,
+        "Write the float32 values of uint16 bfloat16/float16 bit patterns into out[:src.size] (exact).");
+  m.def("group_minmax", &group_minmax, "w"_a, "group_size"_a, "num_threads"_a,
+        "Per-group (min, max) over finite values of a 2-D float32 w (groups of group_size consecutive elements "
+        "of each row, the last one possibly short): (lo[C*G], hi[C*G], n_nonfinite).");
+  m.def("group_qparams", &group_qparams, "lo"_a, "hi"_a, "bits"_a, "symmetric"_a,
+        "qparams with the scale rounded up to bfloat16 and the zero point computed from it.");
+  m.def("group_minmax_error_table", &group_minmax_error_table, "w"_a, "bits"_a, "group_size"_a, "symmetric"_a,
+        "num_threads"_a,
+        "Group-wise min/max quantizers of every bit-width and their error table in one pass: (lo[S], hi[S], "
+        "scale[B, S], zero_point[B, S], sse[B, C], max_abs[B, C], energy[C], n_nonfinite), S = C * G.");
+  m.def("group_error_table", &group_error_table, "w"_a, "scale"_a, "zero_point"_a, "bits"_a, "group_size"_a,
+        "num_threads"_a, "(sse float64[B, C], max_abs float32[B, C]) of group-wise parameters [B, C * G].");
+  m.def("group_clip_search", &group_clip_search, "w"_a, "lo"_a, "hi"_a, "bits"_a, "group_size"_a, "symmetric"_a,
+        "n_grid"_a, "step"_a, "p"_a, "num_threads"_a,
+        "clip_search per group with bfloat16 scales: (best_index, scale, zero_point, lp_err), each [B, C * G].");
+  m.def("group_fake_quantize", &group_fake_quantize, "w"_a, "scale"_a, "zero_point"_a, "bits"_a, "group_size"_a,
+        "num_threads"_a, "Group-wise torch-exact fake quantization (float32 [C, K]); parameters [C * G].");
+  m.def("group_quantize", &group_quantize, "w"_a, "scale"_a, "zero_point"_a, "bits"_a, "group_size"_a,
+        "num_threads"_a, "Group-wise integer codes: uint8 when bits <= 8, else uint16 ([C, K]).");
+  m.def("group_dequantize", &group_dequantize, "codes"_a, "scale"_a, "zero_point"_a, "bits"_a, "group_size"_a,
+        "num_threads"_a, "Group-wise (codes - zero_point) * scale as float32 [C, K].");
 }

@@ -813,3 +813,382 @@ void unpack_bits(const uint8_t* packed, int64_t n, int bits, uint16_t* out) {
 }
 
 }  // namespace mixquant
+
+// ===================================================================== groups ==
+// Group-wise quantizers: a row of K weights is split into G = ceil(K / gs)
+// groups of gs consecutive elements (the last one possibly short), each with
+// its own (scale, zero point); parameter arrays are [C * G] in (row, group)
+// order.  Every group is one "segment" handed to the per-ISA kernels, which
+// already work on any contiguous run of floats with one parameter set.
+
+namespace mixquant {
+namespace {
+
+// Smallest bfloat16 >= s for a positive finite float s (the largest finite
+// bfloat16 when s is above it).  Rounding up keeps the whole range on the grid.
+inline float bf16_ceil(float s) {
+  uint32_t u;
+  std::memcpy(&u, &s, sizeof u);
+  u = (u + 0xffffu) & 0xffff0000u;
+  if (u >= 0x7f800000u) u = 0x7f7f0000u;
+  float r;
+  std::memcpy(&r, &u, sizeof r);
+  return r;
+}
+
+// qparams_inline with the scale rounded up to bfloat16 first and the zero
+// point computed from the rounded scale.
+inline void group_qparams_inline(float lo, float hi, int bits, bool symmetric, float* scale,
+                                 int32_t* zero_point) {
+  qparams_inline(lo, hi, bits, symmetric, scale, zero_point);
+  const float s = bf16_ceil(*scale);
+  *scale = s;
+  if (symmetric || s == 1.0f) return;  // symmetric zp is fixed; scale 1 only for a zero range
+  const double qmax = qmax_of(bits);
+  const float lo0 = lo < 0.0f ? lo : 0.0f;
+  double z = round_even(-static_cast<double>(lo0) / static_cast<double>(s));
+  *zero_point = static_cast<int32_t>(z < 0.0 ? 0.0 : (z > qmax ? qmax : z));
+}
+
+// Work items of the group drivers: (row, run of up to `per` groups); the split
+// depends only on K and gs, never on the thread count.
+struct GroupItems {
+  int64_t G, per, runs;
+  GroupItems(int64_t K, int64_t gs) {
+    G = (K + gs - 1) / gs;
+    per = kMinChunk / gs;
+    per = per < 1 ? 1 : (per > G ? G : per);
+    runs = (G + per - 1) / per;
+  }
+  int64_t seg_len(int64_t K, int64_t gs, int64_t g) const { return K - g * gs < gs ? K - g * gs : gs; }
+};
+
+// Per-(row segment, parameter set) statistics: the error sums and max |e| of
+// B parameter sets on x[0, n) and, unless energy is null, the energy.  This
+// is the primitive the group table is built from; a weighted table passes a
+// functor that reads the weights of the same segment.
+struct PlainSegmentStats {
+  const KernelTable* t;
+  void operator()(int64_t /*row*/, int64_t /*col*/, const float* x, int64_t n, const QParam* qp,
+                  int64_t B, double* acc, float* mx, float energy_escale, double* energy) const {
+    t->err_stats(x, n, qp, B, acc, mx, energy_escale, energy, nullptr, 0);
+  }
+};
+
+// The error table of every row, group by group: prepare(row, g, x, n, qp, rexp,
+// &eexp) fills the B parameter sets of the segment (returning its count of
+// non-finite values; then the segment is skipped), stats() measures them.
+// Sums are unscaled per segment and added in group order in double, so the
+// result does not depend on the thread count.  energy may be null.
+template <class Prepare, class Stats>
+int64_t group_table_pass(const float* w, int64_t C, int64_t K, int64_t gs, int64_t B,
+                         int num_threads, const Prepare& prepare, const Stats& stats, double* sse,
+                         float* max_abs, double* energy) {
+  const GroupItems gi(K, gs);
+  const int64_t items = C * gi.runs;
+  const int64_t R = 2 * B + 1;
+  std::vector<double> part(static_cast<size_t>(items) * static_cast<size_t>(R));
+  const int nt = clamp_threads(num_threads, (C * K + kSmallWork - 1) / kSmallWork);
+  const int64_t run = group_run(items, nt);
+  (void)run;  // only read by the OpenMP pragma
+  int64_t bad = 0;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nt) reduction(+ : bad)
+#endif
+  {
+    std::vector<QParam> qp(static_cast<size_t>(B));
+    std::vector<int> rexp(static_cast<size_t>(B));
+    std::vector<double> acc(static_cast<size_t>(B));
+    std::vector<float> mx(static_cast<size_t>(B));
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, run)
+#endif
+    for (int64_t it = 0; it < items; ++it) {
+      const int64_t c = it / gi.runs, g0 = (it % gi.runs) * gi.per;
+      const int64_t g1 = g0 + gi.per < gi.G ? g0 + gi.per : gi.G;
+      double* out = part.data() + it * R;
+      for (int64_t j = 0; j < R; ++j) out[j] = 0.0;
+      for (int64_t g = g0; g < g1; ++g) {
+        const float* x = w + c * K + g * gs;
+        const int64_t n = gi.seg_len(K, gs, g);
+        int ee = 0;
+        const int64_t nb = prepare(c, g, x, n, qp.data(), rexp.data(), &ee);
+        if (nb) {
+          bad += nb;
+          continue;
+        }
+        double en = 0.0;
+        stats(c, g * gs, x, n, qp.data(), B, acc.data(), mx.data(), pow2_neg(ee), energy ? &en : nullptr);
+        for (int64_t b = 0; b < B; ++b) {
+          out[b] += unscale_sum(acc[b], 2.0, rexp[b]);
+          out[B + b] = mx[b] > out[B + b] ? mx[b] : out[B + b];
+        }
+        out[2 * B] += unscale_sum(en, 2.0, ee);
+      }
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    double* acc = part.data() + c * gi.runs * R;
+    for (int64_t r = 1; r < gi.runs; ++r) {
+      const double* p = acc + r * R;
+      for (int64_t b = 0; b < B; ++b) acc[b] += p[b];
+      for (int64_t b = B; b < 2 * B; ++b) acc[b] = p[b] > acc[b] ? p[b] : acc[b];
+      acc[2 * B] += p[2 * B];
+    }
+    for (int64_t b = 0; b < B; ++b) {
+      sse[b * C + c] = acc[b];
+      max_abs[b * C + c] = static_cast<float>(acc[B + b]);
+    }
+    if (energy) energy[c] = acc[2 * B];
+  }
+  return bad;
+}
+
+// fn(segment index i = row * G + g, x offset, n) over every group, in parallel.
+template <class Fn>
+void for_each_group(int64_t C, int64_t K, int64_t gs, int num_threads, const Fn& fn) {
+  if (C == 0 || K == 0) return;
+  const GroupItems gi(K, gs);
+  const int64_t items = C * gi.runs;
+  const int nt = clamp_threads(num_threads, (C * K + kElemChunk - 1) / kElemChunk);
+  (void)nt;  // only read by the OpenMP pragma
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nt) schedule(static)
+#endif
+  for (int64_t it = 0; it < items; ++it) {
+    const int64_t c = it / gi.runs, g0 = (it % gi.runs) * gi.per;
+    const int64_t g1 = g0 + gi.per < gi.G ? g0 + gi.per : gi.G;
+    for (int64_t g = g0; g < g1; ++g) fn(c * gi.G + g, c * K + g * gs, gi.seg_len(K, gs, g));
+  }
+}
+
+template <class In, class Out>
+void map_groups(const In* x, int64_t C, int64_t K, int64_t gs, const float* scale,
+                const int32_t* zero_point, int bits, int num_threads, Out* out,
+                void (*kernel)(const In*, int64_t, const QParam*, Out*)) {
+  for_each_group(C, K, gs, num_threads, [&](int64_t i, int64_t off, int64_t n) {
+    const QParam q = make_qparam(scale[i], zero_point[i], bits);
+    kernel(x + off, n, &q, out + off);
+  });
+}
+
+}  // namespace
+
+int64_t group_count(int64_t K, int64_t group_size) { return (K + group_size - 1) / group_size; }
+
+void group_qparams(const float* lo, const float* hi, int64_t n, int bits, bool symmetric, float* scale,
+                   int32_t* zero_point) {
+  for (int64_t i = 0; i < n; ++i)
+    group_qparams_inline(lo[i], hi[i], bits, symmetric, scale + i, zero_point + i);
+}
+
+void group_minmax(const float* w, int64_t C, int64_t K, int64_t group_size, int num_threads, float* lo,
+                  float* hi, int64_t* n_nonfinite) {
+  const KernelTable* t = current_table();
+  const int64_t G = group_count(K, group_size);
+  std::vector<int64_t> bad(static_cast<size_t>(C * G));
+  for_each_group(C, K, group_size, num_threads, [&](int64_t i, int64_t off, int64_t n) {
+    t->minmax(w + off, n, lo + i, hi + i, &bad[i]);
+    if (lo[i] > hi[i]) lo[i] = hi[i] = 0.0f;  // no finite value, as channel_minmax reports
+  });
+  int64_t total = 0;
+  for (int64_t i = 0; i < C * G; ++i) total += bad[i];
+  *n_nonfinite = total;
+}
+
+void group_minmax_error_table(const float* w, int64_t C, int64_t K, int64_t group_size,
+                              const int32_t* bits, int64_t B, bool symmetric, int num_threads,
+                              float* lo, float* hi, float* scale, int32_t* zero_point, double* sse,
+                              float* max_abs, double* energy, int64_t* n_nonfinite) {
+  const KernelTable* t = current_table();
+  const int64_t G = group_count(K, group_size), S = C * G;
+  // Fused: each segment is read from memory once (min/max), then served from
+  // cache to the parameters and errors of every bit-width and to the energy.
+  auto prepare = [&](int64_t c, int64_t g, const float* x, int64_t n, QParam* qp, int* rexp, int* ee) {
+    const int64_t i = c * G + g;
+    int64_t nb;
+    t->minmax(x, n, lo + i, hi + i, &nb);
+    if (lo[i] > hi[i]) lo[i] = hi[i] = 0.0f;
+    if (nb) return nb;
+    for (int64_t b = 0; b < B; ++b) {
+      group_qparams_inline(lo[i], hi[i], bits[b], symmetric, scale + b * S + i, zero_point + b * S + i);
+      qp[b] = ranged_qparam(scale[b * S + i], zero_point[b * S + i], bits[b], lo[i], hi[i], rexp + b);
+    }
+    *ee = energy_exponent(lo[i], hi[i]);
+    return int64_t{0};
+  };
+  const int64_t bad = group_table_pass(w, C, K, group_size, B, num_threads, prepare,
+                                       PlainSegmentStats{t}, sse, max_abs, energy);
+  *n_nonfinite = bad;
+  if (bad) {  // refused tensor: only the ranges are kept
+    std::fill(sse, sse + B * C, 0.0);
+    std::fill(max_abs, max_abs + B * C, 0.0f);
+    std::fill(scale, scale + B * S, 0.0f);
+    std::fill(zero_point, zero_point + B * S, 0);
+    std::fill(energy, energy + C, 0.0);
+  }
+}
+
+void group_error_table(const float* w, int64_t C, int64_t K, int64_t group_size, const float* scale,
+                       const int32_t* zero_point, const int32_t* bits, int64_t B, int num_threads,
+                       double* sse, float* max_abs) {
+  const KernelTable* t = current_table();
+  const int64_t S = C * group_count(K, group_size);
+  auto prepare = [&](int64_t c, int64_t g, const float*, int64_t, QParam* qp, int* rexp, int*) {
+    const int64_t i = c * (S / C) + g;
+    for (int64_t b = 0; b < B; ++b) {
+      rexp[b] = range_exponent(scale[b * S + i], 2.0);
+      qp[b] = make_qparam(scale[b * S + i], zero_point[b * S + i], bits[b], rexp[b]);
+    }
+    return int64_t{0};
+  };
+  group_table_pass(w, C, K, group_size, B, num_threads, prepare, PlainSegmentStats{t}, sse, max_abs,
+                   nullptr);
+}
+
+int64_t group_clip_search_scratch_bytes(int64_t C, int64_t K, int64_t group_size, int64_t B,
+                                        int64_t n_grid, int num_threads) {
+  const double M = static_cast<double>(B) * static_cast<double>(n_grid);
+  const int nt = clamp_threads(num_threads, C * group_count(K, group_size));
+  const double bytes = static_cast<double>(nt) * M * (sizeof(QParam) + sizeof(double));
+  return bytes >= 9.0e18 ? INT64_MAX : static_cast<int64_t>(bytes);
+}
+
+void group_clip_search(const float* w, int64_t C, int64_t K, int64_t group_size, const float* lo,
+                       const float* hi, const int32_t* bits, int64_t B, bool symmetric, int64_t n_grid,
+                       double step, double p, int num_threads, int32_t* best_index, float* scale,
+                       int32_t* zero_point, double* lp_err) {
+  const KernelTable* t = current_table();
+  const int64_t G = group_count(K, group_size), S = C * G;
+  const int64_t M = B * n_grid;
+  const int nt = clamp_threads(num_threads, S);
+  const int64_t run = group_run(S, nt);
+  (void)run;  // only read by the OpenMP pragma
+  // Candidate i of bit-width b: the clipping search's shrunk range, with the
+  // group quantizer's bfloat16 scale.
+  auto candidate = [&](int64_t i, int64_t b, int64_t k, float* s, int32_t* z) {
+    const double factor = 1.0 - static_cast<double>(k) * step;
+    const float lo0 = lo[i] < 0.0f ? lo[i] : 0.0f;
+    const float hi0 = hi[i] > 0.0f ? hi[i] : 0.0f;
+    group_qparams_inline(static_cast<float>(static_cast<double>(lo0) * factor),
+                         static_cast<float>(static_cast<double>(hi0) * factor), bits[b], symmetric, s, z);
+  };
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nt)
+#endif
+  {
+    std::vector<QParam> qp(static_cast<size_t>(M));
+    std::vector<double> err(static_cast<size_t>(M));
+    std::vector<float> cs(static_cast<size_t>(M));
+    std::vector<int32_t> cz(static_cast<size_t>(M));
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, run)
+#endif
+    for (int64_t i = 0; i < S; ++i) {
+      const int64_t c = i / G, g = i % G;
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t k = 0; k < n_grid; ++k) {
+          const int64_t j = b * n_grid + k;
+          candidate(i, b, k, &cs[j], &cz[j]);
+          qp[j] = make_qparam(cs[j], cz[j], bits[b], range_exponent(cs[j], p));
+        }
+      t->lp_err(w + c * K + g * group_size, (K - g * group_size < group_size ? K - g * group_size : group_size),
+                qp.data(), M, p, err.data());
+      for (int64_t b = 0; b < B; ++b) {
+        int64_t best = 0;
+        double best_err = 0.0;
+        for (int64_t k = 0; k < n_grid; ++k) {
+          const int64_t j = b * n_grid + k;
+          const double e = unscale_sum(err[j], p, range_exponent(cs[j], p));
+          if (k == 0 || e < best_err) {  // ties keep the lowest index
+            best = k;
+            best_err = e;
+          }
+        }
+        best_index[b * S + i] = static_cast<int32_t>(best);
+        scale[b * S + i] = cs[b * n_grid + best];
+        zero_point[b * S + i] = cz[b * n_grid + best];
+        lp_err[b * S + i] = best_err;
+      }
+    }
+  }
+}
+
+void group_fake_quantize(const float* w, int64_t C, int64_t K, int64_t group_size, const float* scale,
+                         const int32_t* zero_point, int bits, int num_threads, float* out) {
+  map_groups(w, C, K, group_size, scale, zero_point, bits, num_threads, out, current_table()->fake_quant);
+}
+
+void group_quantize(const float* w, int64_t C, int64_t K, int64_t group_size, const float* scale,
+                    const int32_t* zero_point, int bits, int num_threads, uint8_t* out) {
+  map_groups(w, C, K, group_size, scale, zero_point, bits, num_threads, out, current_table()->quant_u8);
+}
+
+void group_quantize(const float* w, int64_t C, int64_t K, int64_t group_size, const float* scale,
+                    const int32_t* zero_point, int bits, int num_threads, uint16_t* out) {
+  map_groups(w, C, K, group_size, scale, zero_point, bits, num_threads, out, current_table()->quant_u16);
+}
+
+void group_dequantize(const uint8_t* codes, int64_t C, int64_t K, int64_t group_size, const float* scale,
+                      const int32_t* zero_point, int bits, int num_threads, float* out) {
+  map_groups(codes, C, K, group_size, scale, zero_point, bits, num_threads, out, current_table()->dequant_u8);
+}
+
+void group_dequantize(const uint16_t* codes, int64_t C, int64_t K, int64_t group_size, const float* scale,
+                      const int32_t* zero_point, int bits, int num_threads, float* out) {
+  map_groups(codes, C, K, group_size, scale, zero_point, bits, num_threads, out, current_table()->dequant_u16);
+}
+
+}  // namespace mixquant
+
+// ================================================================ widening ==
+namespace mixquant {
+namespace {
+
+inline float bf16_to_float(uint16_t h) {
+  const uint32_t u = static_cast<uint32_t>(h) << 16;  // bfloat16 is the top half of a float32
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+inline float f16_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu;
+  uint32_t u;
+  if (exp == 0x1fu) {
+    u = sign | 0x7f800000u | (mant << 13);  // Inf, or NaN with its payload
+  } else if (exp != 0) {
+    u = sign | ((exp + 112u) << 23) | (mant << 13);  // rebias 15 -> 127
+  } else {
+    const float v = static_cast<float>(mant) * 0x1p-24f;  // zero or subnormal: exact
+    std::memcpy(&u, &v, sizeof u);
+    u |= sign;
+  }
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+}  // namespace
+
+void widen_16(const uint16_t* src, int64_t n, bool bfloat16, int num_threads, float* out) {
+  // Chunks of the elementwise kernels; the conversion runs in the core's own
+  // threads, so no second thread pool spins beside the table that follows.
+  const int64_t chunks = (n + kElemChunk - 1) / kElemChunk;
+  const int nt = clamp_threads(num_threads, chunks);
+  (void)nt;  // only read by the OpenMP pragma
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nt) schedule(static)
+#endif
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t lo = c * kElemChunk, hi = lo + kElemChunk < n ? lo + kElemChunk : n;
+    if (bfloat16) {
+      for (int64_t i = lo; i < hi; ++i) out[i] = bf16_to_float(src[i]);
+    } else {
+      for (int64_t i = lo; i < hi; ++i) out[i] = f16_to_float(src[i]);
+    }
+  }
+}
+
+}  // namespace mixquant

@@ -97,4 +97,48 @@ bool pack_bits(const uint16_t* codes, int64_t n, int bits, uint8_t* out);
 void unpack_bits(const uint8_t* packed, int64_t n, int bits, uint8_t* out);
 void unpack_bits(const uint8_t* packed, int64_t n, int bits, uint16_t* out);
 
+// ---- Group-wise quantizers.  A row of K weights is cut into
+// G = group_count(K, gs) groups of gs consecutive elements, the last one
+// possibly short; each group has its own (scale, zero point), stored as
+// [.., C * G] in (row, group) order.  Scales are rounded up to the nearest
+// bfloat16 (the dtype they are stored in) and zero points are computed from
+// the rounded scale: group_qparams is qparams followed by that rounding.
+int64_t group_count(int64_t K, int64_t group_size);
+void group_qparams(const float* lo, const float* hi, int64_t n, int bits, bool symmetric, float* scale,
+                   int32_t* zero_point);
+// lo/hi: [C * G] over finite values (a group without any gives (0, 0)).
+void group_minmax(const float* w, int64_t C, int64_t K, int64_t group_size, int num_threads, float* lo,
+                  float* hi, int64_t* n_nonfinite);
+// minmax_error_table for groups: lo/hi [C * G], scale/zero_point [B, C * G],
+// sse/max_abs [B, C] (per row, groups summed in order), energy [C].
+void group_minmax_error_table(const float* w, int64_t C, int64_t K, int64_t group_size,
+                              const int32_t* bits, int64_t B, bool symmetric, int num_threads,
+                              float* lo, float* hi, float* scale, int32_t* zero_point, double* sse,
+                              float* max_abs, double* energy, int64_t* n_nonfinite);
+// error_table for groups: scale/zero_point [B, C * G]; sse/max_abs [B, C].
+void group_error_table(const float* w, int64_t C, int64_t K, int64_t group_size, const float* scale,
+                       const int32_t* zero_point, const int32_t* bits, int64_t B, int num_threads,
+                       double* sse, float* max_abs);
+// clip_search with one group per segment: lo/hi [C * G]; outputs [B, C * G].
+void group_clip_search(const float* w, int64_t C, int64_t K, int64_t group_size, const float* lo,
+                       const float* hi, const int32_t* bits, int64_t B, bool symmetric, int64_t n_grid,
+                       double step, double p, int num_threads, int32_t* best_index, float* scale,
+                       int32_t* zero_point, double* lp_err);
+int64_t group_clip_search_scratch_bytes(int64_t C, int64_t K, int64_t group_size, int64_t B,
+                                        int64_t n_grid, int num_threads);
+// Element-wise ops with scale/zero_point [C * G].
+void group_fake_quantize(const float* w, int64_t C, int64_t K, int64_t group_size, const float* scale,
+                         const int32_t* zero_point, int bits, int num_threads, float* out);
+void group_quantize(const float* w, int64_t C, int64_t K, int64_t group_size, const float* scale,
+                    const int32_t* zero_point, int bits, int num_threads, uint8_t* out);
+void group_quantize(const float* w, int64_t C, int64_t K, int64_t group_size, const float* scale,
+                    const int32_t* zero_point, int bits, int num_threads, uint16_t* out);
+void group_dequantize(const uint8_t* codes, int64_t C, int64_t K, int64_t group_size, const float* scale,
+                      const int32_t* zero_point, int bits, int num_threads, float* out);
+void group_dequantize(const uint16_t* codes, int64_t C, int64_t K, int64_t group_size, const float* scale,
+                      const int32_t* zero_point, int bits, int num_threads, float* out);
+
+// float32 values of n bfloat16 (or IEEE float16) bit patterns, exactly.
+void widen_16(const uint16_t* src, int64_t n, bool bfloat16, int num_threads, float* out);
+
 }  // namespace mixquant

@@ -60,10 +60,11 @@ ZOO: Dict[str, Callable[[], Tuple[nn.Module, torch.Tensor, torch.Tensor]]] = {
 
 def mixed_config(model: nn.Module, **kw) -> mixquant.BitConfig:
     """Every bit-width from 2 to 8 in turn over the layers (the first and last at 8)."""
-    names = list(mixquant.find_layers(model))
+    embeddings = kw.pop("embeddings", True)  # an Embedding is selected only when asked
+    names = list(mixquant.find_layers(model, embeddings=embeddings))
     keep = {n: (2, 3, 4, 5, 6, 7, 8)[i % 7] for i, n in enumerate(names)}
     keep[names[0]] = keep[names[-1]] = 8
-    return mixquant.uniform(model, 4, keep=keep, errors=False, **kw)
+    return mixquant.uniform(model, 4, keep=keep, errors=False, embeddings=embeddings, **kw)
 
 
 class TinyTransformer(nn.Module):

@@ -107,3 +107,37 @@ def tiny_mobilenet(seed: int = 0) -> TinyMobileNet:
 
 def images(n: int = 64, size: int = 8, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+class Conv1D(nn.Module):
+    """GPT-2's layer: a Linear whose weight is stored [in, out] (output channels on axis 1)."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.02)
+        self.bias = nn.Parameter(torch.zeros(nf))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).reshape(*x.shape[:-1], -1)
+
+
+class TinyLM(nn.Module):
+    """Token embedding, a GPT-2-style MLP and a Linear head, the head optionally tied to the embedding."""
+
+    def __init__(self, vocab: int = 50, dim: int = 40, hidden: int = 72, tied: bool = True) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.up = Conv1D(hidden, dim)
+        self.proj = nn.Linear(hidden, dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        if tied:
+            self.head.weight = self.embed.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids)
+        return self.head(h + self.proj(torch.relu(self.up(h))))
+
+
+def tiny_lm(seed: int = 0, tied: bool = True) -> TinyLM:
+    torch.manual_seed(seed)
+    return TinyLM(tied=tied).eval()

@@ -204,3 +204,31 @@ def test_per_tensor_config_with_groups_is_refused(small_net, tmp_path):
     path.write_text(json.dumps(data))
     with pytest.raises(ValueError, match="16 groups in a per-tensor config"):
         mixquant.BitConfig.load(path)
+
+def test_version_1_files_still_load_and_version_2_is_strict(small_net):
+    cfg = mixquant.search(small_net, avg_bits=4)
+    data = cfg.to_dict()
+    assert data["version"] == 2 and data["group_size"] is None
+    v1 = {k: v for k, v in data.items() if k != "group_size"}
+    v1["version"] = 1
+    assert mixquant.BitConfig.from_dict(v1) == cfg
+    for bad, match in [
+        ({**v1, "group_size": 32}, "needs version 2"),
+        ({k: v for k, v in data.items() if k != "group_size"}, "'group_size' is missing"),
+        ({**data, "group_size": 0}, "group_size must be an int"),
+        ({**data, "group_size": True}, "group_size must be an int"),
+        ({**data, "group_size": 16, "per_channel": False}, "per-tensor"),
+        ({**data, "group_size": 16}, "groups of 16 do not fit"),  # groups still per channel
+        ({**data, "version": 3}, "unsupported version"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            mixquant.BitConfig.from_dict(bad)
+    grouped = mixquant.search(small_net, avg_bits=4, group_size=16).to_dict()
+    assert mixquant.BitConfig.from_dict(grouped).group_size == 16
+    grouped["layers"][0]["groups"] += 1
+    with pytest.raises(ValueError, match="do not fit"):
+        mixquant.BitConfig.from_dict(grouped)
+    layered = mixquant.search(small_net, bits_per_weight=5, group_size=[None, 16]).to_dict()
+    layered["layers"][1]["group_size"] = "16"
+    with pytest.raises(ValueError, match="group_size of layer"):
+        mixquant.BitConfig.from_dict(layered)

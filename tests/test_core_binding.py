@@ -487,6 +487,107 @@ def test_pack_errors() -> None:
         _core.unpack_bits(np.zeros(4, np.int32), 3, 2)
 
 
+# ------------------------------------------------------------------ groups ----
+def bf16_up(x: np.float32) -> np.float32:
+    """Smallest bfloat16 >= a positive float32 (written independently of the package)."""
+    u = int(np.float32(x).view(np.uint32))
+    r = (u + 0xFFFF) & 0xFFFF0000
+    return np.uint32(min(r, 0x7F7F0000)).view(np.float32)
+
+
+def ref_group_qparams(lo: float, hi: float, bits: int, symmetric: bool) -> tuple[np.float32, int]:
+    s, zp = ref_qparams(lo, hi, bits, symmetric)
+    s = bf16_up(s)
+    if not symmetric and s != 1.0:
+        zp = int(np.clip(np.rint(-float(min(np.float32(lo), np.float32(0))) / float(s)), 0, 2**bits - 1))
+    return s, zp
+
+
+def naive_groups(w: np.ndarray, gs: int):
+    """(row, first column, segment) of every group, in (row, group) order."""
+    return [(c, k, w[c, k:k + gs]) for c in range(w.shape[0]) for k in range(0, w.shape[1], gs)]
+
+
+@pytest.mark.parametrize(("shape", "gs"), [((1, 1), 1), ((3, 7), 2), ((4, 256), 128), ((5, 300), 128),
+                                           ((2, 1000), 33), ((3, 40_001), 32768), ((2, 9), 100)])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_group_table_against_naive_loop(level: str, shape, gs: int, symmetric: bool) -> None:
+    """Every group (the last one of a row possibly short) gets the min/max quantizer of its own
+    range with a bfloat16 scale rounded up; sse and max_abs are per row; any thread count."""
+    w = rand_w(*shape, seed=shape[1] + gs)
+    bits = np.array([1, 2, 3, 4, 8, 12, 16], np.int32)
+    segs = naive_groups(w, gs)
+    lo_w = np.array([s.min() for _, _, s in segs], np.float32)
+    hi_w = np.array([s.max() for _, _, s in segs], np.float32)
+    for nt in (1, 2, 3):
+        lo, hi, scale, zp, sse, mx, energy, bad = _core.group_minmax_error_table(w, bits, gs, symmetric, nt)
+        assert bad == 0 and scale.shape == (bits.size, len(segs)) and sse.shape == (bits.size, shape[0])
+        np.testing.assert_array_equal(lo, lo_w)
+        np.testing.assert_array_equal(hi, hi_w)
+        np.testing.assert_allclose(energy, (w.astype(np.float64) ** 2).sum(1), rtol=1e-6, atol=0)
+        for i, b in enumerate(bits):
+            want = [ref_group_qparams(a, z, int(b), symmetric) for a, z in zip(lo_w, hi_w)]
+            np.testing.assert_array_equal(scale[i], np.array([s for s, _ in want], np.float32))
+            np.testing.assert_array_equal(zp[i], np.array([z for _, z in want], np.int32))
+            w_hat = np.concatenate([ref_fake(seg[None], scale[i, j], zp[i, j], int(b))[0]
+                                    for j, (_, _, seg) in enumerate(segs)]).reshape(shape)
+            e = w.astype(np.float64) - w_hat.astype(np.float64)
+            np.testing.assert_allclose(sse[i], (e ** 2).sum(1), rtol=1e-5, atol=0)
+            np.testing.assert_array_equal(mx[i], np.abs(e).max(1).astype(np.float32))
+            if i == 3:  # the element-wise ops with the same parameters
+                fq = _core.group_fake_quantize(w, scale[i], zp[i], int(b), gs, nt)
+                np.testing.assert_array_equal(fq, w_hat)
+                codes = _core.group_quantize(w, scale[i].reshape(shape[0], -1), zp[i], int(b), gs, nt)
+                np.testing.assert_array_equal(_core.group_dequantize(codes, scale[i], zp[i], int(b), gs, nt), w_hat)
+        sse2, mx2 = _core.group_error_table(w, scale, zp, bits, gs, nt)
+        np.testing.assert_array_equal(sse2, sse)
+        np.testing.assert_array_equal(mx2, mx)
+
+
+def test_group_scales_cover_the_range(level: str) -> None:
+    """Rounding the scale up keeps every group's range on the grid: no element is clipped by more
+    than half a step, and a scale just above a bfloat16 value moves to the next one."""
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((64, 256)).astype(np.float32)
+    for b in (2, 4, 8):
+        lo, hi, scale, zp, _, mx, _, _ = _core.group_minmax_error_table(w, [b], 64, False, 1)
+        s = scale[0].astype(np.float64)
+        assert np.all(s >= (np.maximum(hi, 0) - np.minimum(lo, 0)) / (2**b - 1))
+        assert np.all(mx[0] <= 0.5 * s.reshape(64, -1).max(1) * (1 + 1e-6))
+    x = np.float32(1.0) + np.float32(2.0**-20)
+    s, _ = _core.group_qparams(np.array([0.0], np.float32), np.array([x * 3], np.float32), 2, False)
+    assert s[0] == np.float32(1.0 + 2.0**-7)
+
+
+def test_group_clip_search_against_brute_force(level: str) -> None:
+    w = rand_w(3, 100, seed=9)
+    gs, bits, n_grid, step, p = 30, np.array([3, 4], np.int32), 12, 0.05, 2.4
+    lo, hi, _ = _core.group_minmax(w, gs, 1)
+    best, scale, zp, err = _core.group_clip_search(w, lo, hi, bits, gs, False, n_grid, step, p, 2)
+    for j, (_, _, seg) in enumerate(naive_groups(w, gs)):
+        for i, b in enumerate(bits):
+            cands = []
+            for k in range(n_grid):
+                f = 1.0 - k * step
+                a = np.float32(float(min(lo[j], np.float32(0))) * f)
+                z = np.float32(float(max(hi[j], np.float32(0))) * f)
+                cs, cz = ref_group_qparams(a, z, int(b), False)
+                cands.append(lp_sum(seg - ref_fake(seg[None], cs, cz, int(b))[0], p))
+            assert err[i, j] <= min(cands) * (1 + 2e-5)
+            np.testing.assert_allclose(err[i, j], cands[best[i, j]], rtol=2e-5)
+
+
+def test_group_minmax_reports_nonfinite(level: str) -> None:
+    w = rand_w(4, 100)
+    w[2, 17] = np.nan
+    w[3, 5] = np.inf
+    assert _core.group_minmax(w, 16, 2)[2] == 2
+    _, _, scale, zp, sse, mx, energy, bad = _core.group_minmax_error_table(w, [2, 8], 16, False, 2)
+    assert bad == 2
+    for out in (scale, zp, sse, mx, energy):  # nothing half-filled or uninitialised
+        assert not out.any()
+
+
 # --------------------------------------------------------------- bad inputs --
 def _bad_calls():
     w = rand_w(3, 8)
@@ -544,6 +645,23 @@ def _bad_calls():
         ("codes", lambda: _core.dequantize(np.full((3, 8), 16, np.uint8), s3, z3, 4, 1)),
         ("codes", lambda: _core.dequantize(np.zeros(8, np.uint8), s3, z3, 4, 1)),
         ("n", lambda: _core.unpack_bits(np.zeros(4, np.uint8), 3, -1)),
+        ("group_size", lambda: _core.group_minmax(w, 0, 1)),
+        ("group_size", lambda: _core.group_minmax_error_table(w, [4], -3, False, 1)),
+        ("w", lambda: _core.group_minmax_error_table(w[:, :0], [4], 4, False, 1)),
+        ("bits", lambda: _core.group_minmax_error_table(w, [17], 4, False, 1)),
+        ("scale", lambda: _core.group_error_table(w, np.ones((1, 3), np.float32), np.zeros((1, 3), np.int32),
+                                                  [4], 4, 1)),
+        ("zero_point", lambda: _core.group_error_table(w, np.ones((1, 6), np.float32),
+                                                       np.full((1, 6), 16, np.int32), [4], 4, 1)),
+        ("scale", lambda: _core.group_fake_quantize(w, s3, z3, 4, 4, 1)),
+        ("scale", lambda: _core.group_fake_quantize(w, np.zeros(6, np.float32), np.zeros(6, np.int32), 4, 4, 1)),
+        ("zero_point", lambda: _core.group_quantize(w, np.ones(6, np.float32), np.zeros(5, np.int32), 4, 4, 1)),
+        ("codes", lambda: _core.group_dequantize(np.full((3, 8), 16, np.uint8), np.ones(6, np.float32),
+                                                 np.zeros(6, np.int32), 4, 4, 1)),
+        ("lo and hi", lambda: _core.group_clip_search(w, lo, hi, [4], 4, False, 10, 0.01, 2.0, 1)),
+        ("n_grid", lambda: _core.group_clip_search(w, np.zeros(6, np.float32), np.ones(6, np.float32), [4], 4,
+                                                   False, 0, 0.01, 2.0, 1)),
+        ("lo and hi", lambda: _core.group_qparams(lo, hi[:2], 4, False)),
     ]
 
 
@@ -560,3 +678,25 @@ def test_float64_and_noncontiguous_inputs_are_converted() -> None:
     b = _core.channel_minmax(wt, 1)
     np.testing.assert_array_equal(a[0], b[0])
     np.testing.assert_array_equal(a[1], b[1])
+
+
+def test_widen_16_is_exact_for_every_bit_pattern() -> None:
+    bits = np.arange(2**16, dtype=np.uint16)
+    for kind, dtype in (("bfloat16", torch.bfloat16), ("float16", torch.float16)):
+        want = torch.from_numpy(bits.view(np.int16).copy()).view(dtype).float().numpy()
+        for nt in (1, 3):
+            out = np.full(2**16 + 5, 7.0, np.float32)
+            _core.widen_16(bits, kind, out, nt)
+            nan = np.isnan(want)
+            np.testing.assert_array_equal(np.isnan(out[:2**16]), nan)
+            np.testing.assert_array_equal(out[:2**16][~nan].view(np.uint32), want[~nan].view(np.uint32))
+            assert (out[2**16:] == 7.0).all()  # nothing written past src.size
+    for bad, match in [(lambda: _core.widen_16(bits, "float32", np.empty(2**16, np.float32), 1), "kind"),
+                       (lambda: _core.widen_16(bits.astype(np.int32), "float16", np.empty(2**16, np.float32), 1),
+                        "src"),
+                       (lambda: _core.widen_16(bits, "float16", np.empty(10, np.float32), 1), "out holds"),
+                       (lambda: _core.widen_16(bits, "float16", np.empty(2**16, np.float64), 1), "out must"),
+                       (lambda: _core.widen_16(bits, "float16", np.empty((2, 2**16), np.float32)[:, ::2], 1),
+                        "out must")]:
+        with pytest.raises(ValueError, match=match):
+            bad()

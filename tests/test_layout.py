@@ -32,6 +32,7 @@ RANKS = {
     "mixquant.io.files": 1,
     "mixquant.io.models": 1,
     "mixquant.io.strict_json": 1,
+    "mixquant.io.checkpoint": 1,
     "mixquant.nn": 2,
     "mixquant.allocation": 3,
     "mixquant.methods": 3,

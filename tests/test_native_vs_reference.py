@@ -141,3 +141,77 @@ def test_conv_transpose_channel_axis():
     fq = mixquant.fake_quantize_tensor(w, scale, zp, 4, ch_axis=1)
     expected = torch.fake_quantize_per_channel_affine(w, scale, zp, 1, 0, 15)
     assert torch.equal(fq, expected)
+
+
+# ------------------------------------------------------------------ groups ----
+group_sizes = st.sampled_from([1, 3, 7, 32, 64, 128, 1000])
+GROUP_SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@GROUP_SETTINGS
+@given(w=weights(), bits=bits_lists, group_size=group_sizes, symmetric=st.booleans())
+def test_group_roundoff_error(level, w, bits, group_size, symmetric):
+    kw = dict(per_channel=True, symmetric=symmetric, group_size=group_size)
+    with mixquant.use_simd_level(level):
+        nat = mixquant.roundoff_error(w, bits, backend="native", **kw)
+    ref = mixquant.roundoff_error(w, bits, backend="reference", **kw)
+    np.testing.assert_array_equal(nat.scale, ref.scale)
+    np.testing.assert_array_equal(nat.zero_point, ref.zero_point)
+    assert nat.scale.shape == (len(bits), w.shape[0] * -(-w[0].numel() // group_size))
+    assert_close_sums(nat.channel_sse, ref.channel_sse)
+    np.testing.assert_allclose(nat.channel_max_abs, ref.channel_max_abs, rtol=1e-6, atol=0)
+    assert_close_sums(nat.norm, ref.norm)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@GROUP_SETTINGS
+@given(w=weights(max_k=120), bits=st.lists(st.integers(2, 8), min_size=1, max_size=3, unique=True),
+       group_size=group_sizes, symmetric=st.booleans(), p=st.sampled_from([2.0, 2.4, 1.0]),
+       grid=st.sampled_from([(1, 0.01), (7, 0.1), (20, 0.02)]))
+def test_group_clip_search_and_mse_table(level, w, bits, group_size, symmetric, p, grid):
+    n_grid, step = grid
+    kw = dict(per_channel=True, symmetric=symmetric, p=p, n_grid=n_grid, step=step, group_size=group_size)
+    with mixquant.use_simd_level(level):
+        nat = mixquant.clip_search(w, bits, backend="native", **kw)
+        nat_err = mixquant.roundoff_error(w, bits, clip="mse", backend="native", **kw)
+    ref = mixquant.clip_search(w, bits, backend="reference", **kw)
+    ref_err = mixquant.roundoff_error(w, bits, clip="mse", backend="reference", **kw)
+    assert_close_sums(nat.lp_err.numpy(), ref.lp_err.numpy(), rtol=1e-5)
+    same = nat.best_index == ref.best_index  # near-ties may pick another ratio of equal error
+    assert torch.equal(nat.scale[same], ref.scale[same])
+    assert torch.equal(nat.zero_point[same], ref.zero_point[same])
+    if bool(same.all()):
+        assert_close_sums(nat_err.channel_sse, ref_err.channel_sse)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@GROUP_SETTINGS
+@given(w=weights(), bits=st.integers(1, 16), group_size=group_sizes, symmetric=st.booleans())
+def test_group_qparams_fake_quantize_codes(level, w, bits, group_size, symmetric):
+    kw = dict(per_channel=True, symmetric=symmetric, group_size=group_size)
+    gs = dict(group_size=group_size)
+    with mixquant.use_simd_level(level):
+        scale, zp = mixquant.choose_qparams(w, bits, backend="native", **kw)
+        fq = mixquant.fake_quantize_tensor(w, scale, zp, bits, backend="native", **gs)
+        codes = mixquant.quantize_tensor(w, scale, zp, bits, backend="native", **gs)
+        deq = mixquant.dequantize_tensor(codes, scale, zp, backend="native", **gs)
+    r_scale, r_zp = mixquant.choose_qparams(w, bits, backend="reference", **kw)
+    assert scale.shape == (w.shape[0], -(-w[0].numel() // group_size))
+    assert torch.equal(scale, r_scale) and torch.equal(zp, r_zp)
+    assert torch.equal(scale, scale.bfloat16().float())  # stored as bfloat16 without loss
+    assert torch.equal(fq, mixquant.fake_quantize_tensor(w, scale, zp, bits, backend="reference", **gs))
+    r_codes = mixquant.quantize_tensor(w, scale, zp, bits, backend="reference", **gs)
+    assert codes.dtype == r_codes.dtype and torch.equal(codes, r_codes)
+    assert int(codes.max()) <= 2**bits - 1
+    assert torch.equal(deq, fq)
+    assert torch.equal(deq, mixquant.dequantize_tensor(codes, scale, zp, backend="reference", **gs))
+
+
+def test_group_size_at_least_the_row_is_one_group_per_row():
+    w = torch.randn(6, 40)
+    g = mixquant.roundoff_error(w, range(2, 9), per_channel=True, group_size=40)
+    big = mixquant.roundoff_error(w, range(2, 9), per_channel=True, group_size=4096)
+    np.testing.assert_array_equal(g.scale, big.scale)
+    np.testing.assert_array_equal(g.channel_sse, big.channel_sse)
+    assert g.scale.shape == (7, 6)

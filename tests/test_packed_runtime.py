@@ -13,7 +13,6 @@ from _deploy_models import ZOO, mixed_config, tiny_transformer, tokens
 from conftest import make_small_net
 
 import mixquant
-from mixquant.nn.layers import _QUANTIZABLE
 from mixquant.nn.packed import PACKED_KEY, is_packed_layer, packed_bytes
 
 
@@ -88,15 +87,8 @@ class Mixed(nn.Module):
         return self.fc(h.mean((2, 3)))
 
 
-@pytest.fixture
-def embedding_quantizable():
-    mixquant.register_quantizable(nn.Embedding, ch_axis=0)
-    yield
-    _QUANTIZABLE.pop(nn.Embedding, None)
-
-
 @pytest.mark.parametrize("per_channel", [True, False])
-def test_layer_kinds(tmp_path, embedding_quantizable, per_channel):
+def test_layer_kinds(tmp_path, per_channel):
     def fresh():
         torch.manual_seed(3)
         return Mixed().eval()
@@ -148,7 +140,7 @@ def test_copy_pickle_export_and_read_only(tmp_path):
         mixquant.quantize(packed, q.mixquant_state.config, progress=False)
 
 
-def test_bad_arguments(tmp_path, embedding_quantizable):
+def test_bad_arguments(tmp_path):
     model = make_small_net()
     q = mixquant.quantize(model, mixed_config(model), progress=False)
     path = tmp_path / "q.safetensors"
@@ -166,7 +158,7 @@ def test_bad_arguments(tmp_path, embedding_quantizable):
             return self.fc(self.embed(t))
 
     m = WithMaxNorm().eval()
-    q2 = mixquant.quantize(m, mixquant.uniform(m, 4, errors=False), progress=False)
+    q2 = mixquant.quantize(m, mixquant.uniform(m, 4, errors=False, embeddings=True), progress=False)
     path2 = tmp_path / "m.safetensors"
     mixquant.export(q2, path2)
     fresh = WithMaxNorm()

@@ -415,7 +415,7 @@ def test_version_1_files_still_load():
     model = TwoPaths().eval()
     d = mixquant.search(model, avg_bits=4).to_dict()
     d["version"] = 1
-    del d["sensitivity"], d["calibration"]
+    del d["sensitivity"], d["calibration"], d["group_size"]
     cfg = mixquant.BitConfig.from_dict(d)
     assert cfg.sensitivity == "weight" and cfg.calibration is None
 

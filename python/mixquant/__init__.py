@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from .allocation.bitconfig import BitConfig
 from .api.quantize import QuantInfo, quant_info, quantize
+from .api.checkpoint import search_checkpoint
 from .api.search import search, uniform
 from .core.backend import (
     get_backend,
@@ -76,6 +77,7 @@ __all__ = [
     "register_quantizable",
     "roundoff_error",
     "search",
+    "search_checkpoint",
     "set_backend",
     "set_simd_level",
     "simd_level",

@@ -125,3 +125,49 @@ def unpack_dequantize(packed: _U8, bits: int, outer: int, channels: int, inner: 
     C-contiguous, writable, in place): element ``(a, c, r)`` is ``(code - zero_point[i]) * scale[i]``,
     ``i = c * max(1, ceil(inner / block)) + r // block``; ``1 <= block <= inner``.  ``out`` must not
     overlap ``packed``."""
+
+# Group-wise quantizers: each row of w [C, K] is cut into G = ceil(K / group_size)
+# groups of group_size consecutive elements (the last one possibly short);
+# parameters are [C * G] (or [B, C * G]) in (row, group) order.  Group scales
+# are rounded up to bfloat16 values, zero points computed from the rounded scale.
+
+def group_minmax(w: npt.ArrayLike, group_size: int, num_threads: int) -> tuple[_F32, _F32, int]:
+    """Per-group ``(lo[C*G], hi[C*G], n_nonfinite)`` over finite values; groups without any finite value give (0, 0)."""
+
+def group_qparams(lo: npt.ArrayLike, hi: npt.ArrayLike, bits: int, symmetric: bool) -> tuple[_F32, _I32]:
+    """``qparams`` with the scale rounded up to bfloat16 and the zero point computed from the rounded scale."""
+
+def group_minmax_error_table(
+    w: npt.ArrayLike, bits: _Bits, group_size: int, symmetric: bool, num_threads: int
+) -> tuple[_F32, _F32, _F32, _I32, _F64, _F32, _F64, int]:
+    """Fused group-wise table: ``(lo[S], hi[S], scale[B, S], zero_point[B, S], sse[B, C], max_abs[B, C], energy[C],
+    n_nonfinite)`` with ``S = C * G``; each segment is read from memory once."""
+
+def group_error_table(
+    w: npt.ArrayLike, scale: npt.ArrayLike, zero_point: npt.ArrayLike, bits: _Bits, group_size: int, num_threads: int
+) -> tuple[_F64, _F32]:
+    """``(sse[B, C], max_abs[B, C])`` of group parameters ``scale/zero_point [B, C * G]``."""
+
+def group_clip_search(
+    w: npt.ArrayLike, lo: npt.ArrayLike, hi: npt.ArrayLike, bits: _Bits, group_size: int, symmetric: bool,
+    n_grid: int, step: float, p: float, num_threads: int,
+) -> tuple[_I32, _F32, _I32, _F64]:
+    """Clipping search per group with bfloat16 scales: ``(best_index, scale, zero_point, lp_err)``, each ``[B, C * G]``."""
+
+def group_fake_quantize(
+    w: npt.ArrayLike, scale: npt.ArrayLike, zero_point: npt.ArrayLike, bits: int, group_size: int, num_threads: int
+) -> _F32:
+    """Group-wise torch-exact fake quantization (float32 ``[C, K]``); parameters ``[C * G]`` or ``[C, G]``."""
+
+def group_quantize(
+    w: npt.ArrayLike, scale: npt.ArrayLike, zero_point: npt.ArrayLike, bits: int, group_size: int, num_threads: int
+) -> _Codes:
+    """Group-wise integer codes ``[C, K]``: uint8 when ``bits <= 8``, else uint16."""
+
+def group_dequantize(
+    codes: _Codes, scale: npt.ArrayLike, zero_point: npt.ArrayLike, bits: int, group_size: int, num_threads: int
+) -> _F32:
+    """Group-wise ``(codes - zero_point) * scale`` as float32 ``[C, K]``."""
+
+def widen_16(src: npt.NDArray[np.uint16], kind: str, out: _F32, num_threads: int) -> None:
+    """Write the float32 values of ``src`` (bfloat16 or float16 bit patterns, ``kind``) into ``out[:src.size]``."""

@@ -10,6 +10,7 @@ Draws random problems for a fixed time and checks, for each one:
   documented floor of n * 2**-149; max |e| exactly);
 * NaN/Inf anywhere in a weight: every public kernel raises ValueError naming
   the tensor, on both backends;
+* the same with group-wise scales (``group_size``) on some per-channel problems;
 * junk arguments to the raw ``mixquant._core`` functions (wrong types, ranks,
   lengths, dtypes, negative/huge sizes and thread counts, bits 0/17, NaN
   parameters): ValueError or TypeError, never a crash.
@@ -128,34 +129,39 @@ def check_public(rng: np.random.Generator, w: torch.Tensor) -> None:
     bits = sorted(set(int(b) for b in rng.integers(1, 17, size=int(rng.integers(1, 5)))))
     per_channel = bool(rng.random() < 0.6)
     symmetric = bool(rng.random() < 0.3)
+    # Group-wise scales on some per-channel problems (the last group of a row often short).
+    gs = int(rng.choice([1, 3, 16, 64, 128, 5000])) if per_channel and w.dim() >= 1 and rng.random() < 0.4 else None
     level = LEVELS[int(rng.integers(0, len(LEVELS)))]
     nt = int(rng.integers(1, 4))
     n = w.numel()
     ch = w.shape[0] if (per_channel and w.dim() >= 1) else 1
     with mixquant.use_simd_level(level):
         try:
-            nat = mixquant.roundoff_error(w, bits, per_channel=per_channel, symmetric=symmetric,
+            nat = mixquant.roundoff_error(w, bits, per_channel=per_channel, symmetric=symmetric, group_size=gs,
                                           backend="native", num_threads=nt)
         except ValueError as exc:  # only for grids overflowing float32 (|w| near FLT_MAX)
             check("not finite" in str(exc), f"unexpected ValueError: {exc}")
             return
-    ref = mixquant.roundoff_error(w, bits, per_channel=per_channel, symmetric=symmetric, backend="reference")
+    ref = mixquant.roundoff_error(w, bits, per_channel=per_channel, symmetric=symmetric, group_size=gs,
+                                  backend="reference")
     check(np.array_equal(nat.scale, ref.scale), "scale differs")
     check(np.array_equal(nat.zero_point, ref.zero_point), "zero point differs")
     row = max(1, n // max(1, w.shape[0] if w.dim() else 1))
-    sums_close(nat.channel_sse, ref.channel_sse, sum_floor(nat.scale, 2.0, row), "channel sse")
+    row_scale = nat.scale if gs is None else nat.scale.reshape(len(bits), ch, -1).max(axis=2)
+    sums_close(nat.channel_sse, ref.channel_sse, sum_floor(row_scale, 2.0, row), "channel sse")
     check(np.array_equal(nat.channel_max_abs, ref.channel_max_abs), "max_abs differs")
     check(np.isfinite(nat.sse).all() and np.isfinite(nat.norm).all(), "non-finite error table")
     # Elementwise ops at one bit-width with the table's parameters.
     b = bits[int(rng.integers(0, len(bits)))]
     i = bits.index(b)
     scale, zp = torch.from_numpy(nat.scale[i].copy()), torch.from_numpy(nat.zero_point[i].copy())
+    g = dict(group_size=gs)
     with mixquant.use_simd_level(level):
-        fq = mixquant.fake_quantize_tensor(w, scale, zp, b, backend="native", num_threads=nt)
-        q = mixquant.quantize_tensor(w, scale, zp, b, backend="native", num_threads=nt)
-        dq = mixquant.dequantize_tensor(q, scale, zp, backend="native", num_threads=nt)
-    check(torch.equal(fq, mixquant.fake_quantize_tensor(w, scale, zp, b, backend="reference")), "fake_quantize")
-    check(torch.equal(q, mixquant.quantize_tensor(w, scale, zp, b, backend="reference")), "quantize")
+        fq = mixquant.fake_quantize_tensor(w, scale, zp, b, backend="native", num_threads=nt, **g)
+        q = mixquant.quantize_tensor(w, scale, zp, b, backend="native", num_threads=nt, **g)
+        dq = mixquant.dequantize_tensor(q, scale, zp, backend="native", num_threads=nt, **g)
+    check(torch.equal(fq, mixquant.fake_quantize_tensor(w, scale, zp, b, backend="reference", **g)), "fake_quantize")
+    check(torch.equal(q, mixquant.quantize_tensor(w, scale, zp, b, backend="reference", **g)), "quantize")
     check(torch.equal(dq, fq), "dequantize(quantize) != fake_quantize")
     check(int(q.max()) <= 2**b - 1 and int(q.min()) >= 0, "code out of range")
     packed = mixquant.pack_bits(q, b)
@@ -167,16 +173,16 @@ def check_public(rng: np.random.Generator, w: torch.Tensor) -> None:
         grid = int(rng.integers(1, 30))
         step = float(rng.uniform(0.001, 1.0 / grid))
         p = float(rng.choice([2.0, 1.0, 2.4, 0.7, 4.0]))
-        kw = dict(per_channel=per_channel, symmetric=symmetric, p=p, n_grid=grid, step=step)
+        kw = dict(per_channel=per_channel, symmetric=symmetric, p=p, n_grid=grid, step=step, group_size=gs)
         with mixquant.use_simd_level(level):
             cn = mixquant.clip_search(w, bits, backend="native", num_threads=nt, **kw)
         cr = mixquant.clip_search(w, bits, backend="reference", **kw)
         check(bool(((cn.best_index >= 0) & (cn.best_index < grid)).all()), "best_index range")
         finite = torch.isfinite(cr.lp_err)
         # Floor from the widest candidate's scale (doubled: shrunk candidates may round up an exponent).
-        widest = np.stack([mixquant.choose_qparams(w, bb, per_channel=per_channel, symmetric=symmetric)[0].numpy()
-                           for bb in bits])
-        floor = sum_floor(2.0 * widest, p, n if not per_channel else max(1, n // ch))
+        widest = np.stack([mixquant.choose_qparams(w, bb, per_channel=per_channel, symmetric=symmetric,
+                                                   group_size=gs)[0].numpy().reshape(-1) for bb in bits])
+        floor = sum_floor(2.0 * widest, p, n if not per_channel else max(1, n // ch) if gs is None else gs)
         sums_close(cn.lp_err[finite].numpy(), cr.lp_err[finite].numpy(), floor[finite.numpy()], "lp_err", rtol=2e-5)
         same = cn.best_index == cr.best_index
         check(torch.equal(cn.scale[same], cr.scale[same]), "clip scale")
@@ -229,6 +235,14 @@ def check_raw_junk(rng: np.random.Generator) -> None:
         "quantize": (w, np.ones(3, np.float32), np.zeros(3, np.int64), 4, 1),
         "dequantize": (np.zeros((3, 4), np.uint8), np.ones(3, np.float32), np.zeros(3, np.int64), 4, 1),
         "pack_bits": (np.zeros(7, np.uint8), 3),
+        "group_minmax": (w, 2, 1),
+        "group_qparams": (np.zeros(6, np.float32), np.ones(6, np.float32), 4, False),
+        "group_minmax_error_table": (w, [4], 3, False, 1),
+        "group_error_table": (w, np.ones((1, 6), np.float32), np.zeros((1, 6), np.int64), [4], 3, 1),
+        "group_clip_search": (w, np.zeros(6, np.float32), np.ones(6, np.float32), [4], 3, False, 5, 0.1, 2.0, 1),
+        "group_fake_quantize": (w, np.ones(6, np.float32), np.zeros(6, np.int64), 4, 3, 1),
+        "group_quantize": (w, np.ones(6, np.float32), np.zeros(6, np.int64), 4, 3, 1),
+        "group_dequantize": (np.zeros((3, 4), np.uint8), np.ones(6, np.float32), np.zeros(6, np.int64), 4, 3, 1),
         "unpack_bits": (np.zeros(7, np.uint8), 3, 10),
         "unpack_dequantize": (np.zeros(8, np.uint8), 4, 1, 2, 8, 8, np.ones(2, np.float32), np.zeros(2, np.int64),
                               1, np.empty(16, np.float32)),

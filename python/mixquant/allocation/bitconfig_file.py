@@ -1,4 +1,10 @@
-"""The bit-config file format, and its strict parser: every field is checked before use."""
+"""The bit-config file format, and its strict parser: every field is checked before use.
+
+Version 2 adds the group-wise layout: a top-level ``group_size`` (null or an
+int), a layer's own ``group_size`` when the budget rule chose the layout per
+layer, and a layer's ``tied`` list (the other modules sharing its weight).
+Version-1 files (per channel or per tensor, no ties) are still read.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +15,8 @@ from typing import Any, Mapping
 from ..core.limits import CLIP_METHODS, MAX_BITS, MIN_BITS
 
 FORMAT = "mixquant.bitconfig"
-#: Version 2 adds the sensitivity the bits were chosen with and the calibration data's provenance;
-#: version-1 files (data-free searches) are still read.
+#: Version 2 adds the sensitivity the bits were chosen with, the calibration data's provenance,
+#: group sizes and tied weights; version-1 files (data-free, per-channel/per-tensor) are still read.
 VERSION = 2
 READABLE_VERSIONS = (1, 2)
 METRICS = ("sse", "mse", "norm", "max_abs")
@@ -78,6 +84,14 @@ def parse_bitconfig(cls: type, data: Mapping[str, Any]) -> Any:
     p = _number(data.get("p"), "p")
     if p <= 0:
         _fail(f"p must be positive, got {p}")
+    if version == 1:
+        if "group_size" in data:
+            _fail("'group_size' needs version 2")
+        group_size = None
+    else:
+        if "group_size" not in data:
+            _fail("'group_size' is missing (null for per-channel or per-tensor)")
+        group_size = _group_size(data["group_size"], "group_size", per_channel)
     candidates = data.get("candidates")
     if not isinstance(candidates, list) or not candidates or len(candidates) > MAX_BITS:
         _fail("candidates must be a non-empty list of bit-widths")
@@ -93,7 +107,7 @@ def parse_bitconfig(cls: type, data: Mapping[str, Any]) -> Any:
     layers = data.get("layers")
     if not isinstance(layers, list) or not layers or len(layers) > MAX_LAYERS:
         _fail("layers must be a non-empty list")
-    bits, shapes, groups, errors = {}, {}, {}, {}
+    bits, shapes, groups, errors, layer_gs, tied = {}, {}, {}, {}, {}, {}
     for i, layer in enumerate(layers):
         if not isinstance(layer, dict):
             _fail(f"layer #{i} must be an object")
@@ -109,17 +123,31 @@ def parse_bitconfig(cls: type, data: Mapping[str, Any]) -> Any:
         shapes[name] = tuple(_int(s, f"shape of layer {name!r}", 1, MAX_NUMEL) for s in shape)
         if math.prod(shapes[name]) > MAX_NUMEL:
             _fail(f"layer {name!r} is impossibly large")
-        groups[name] = _int(layer.get("groups"), f"groups of layer {name!r}", 1, max(shapes[name]))
+        if version == 1 and ("group_size" in layer or "tied" in layer):
+            _fail(f"layer {name!r}: 'group_size' and 'tied' need version 2")
+        if "group_size" in layer:
+            layer_gs[name] = _group_size(layer["group_size"], f"group_size of layer {name!r}", per_channel)
+        gs = layer_gs.get(name, group_size)
+        groups[name] = _int(layer.get("groups"), f"groups of layer {name!r}", 1,
+                            max(shapes[name]) if gs is None else math.prod(shapes[name]))
         if not per_channel and groups[name] != 1:
             _fail(f"layer {name!r} has {groups[name]} groups in a per-tensor config")
+        if gs is not None and not _fits_groups(shapes[name], gs, groups[name]):
+            _fail(f"layer {name!r}: {groups[name]} groups of {gs} do not fit shape {list(shapes[name])}")
+        if "tied" in layer:
+            tied[name] = _tied(layer["tied"], name)
         if "errors" in layer:
             errors[name] = _parse_errors(layer["errors"], name, sensitivity != "weight")
     for key in ("avg_bits", "size_bytes"):
         if key in data:
             _number(data[key], key)
+    aliases = [n for others in tied.values() for n in others]
+    clash = next((n for n in aliases if n in bits or aliases.count(n) > 1), None)
+    if clash is not None:
+        _fail(f"{clash!r} is recorded as sharing the weight of a layer and is listed again")
     config = cls(bits=bits, shapes=shapes, groups=groups, per_channel=per_channel, symmetric=symmetric,
-                 clip=clip, p=p, candidates=candidates, rule=dict(rule), errors=errors, sensitivity=sensitivity,
-                 calibration=calibration)
+                 clip=clip, p=p, candidates=candidates, rule=dict(rule), errors=errors, group_size=group_size,
+                 layer_group_size=layer_gs, tied=tied, sensitivity=sensitivity, calibration=calibration)
     # The stored summary must agree with the layers; a mismatch means the file was edited.
     if "size_bytes" in data and data["size_bytes"] != config.size_bytes:
         _fail(f"size_bytes {data['size_bytes']} does not match the layers ({config.size_bytes})")
@@ -215,22 +243,54 @@ def _check_budget(config: Any, rule: Mapping[str, Any], raised: Mapping[str, int
             _fail(f"rule objective must be one of {OBJECTIVES}, got {rule.get('objective')!r}")
     elif "objective" in rule:  # data-aware costs are summed as they are
         _fail(f"a {config.sensitivity!r} budget rule has no objective, got {rule['objective']!r}")
-    given = [k for k in ("avg_bits", "max_bytes") if rule.get(k) is not None]
+    given = [k for k in ("avg_bits", "max_bytes", "bits_per_weight") if rule.get(k) is not None]
     if len(given) != 1:
-        _fail(f"a budget rule needs exactly one of avg_bits, max_bytes, got {given or 'none'}")
+        _fail(f"a budget rule needs exactly one of avg_bits, max_bytes, bits_per_weight, got {given or 'none'}")
     # A raised layer may have been anything before it was raised: count it at the fewest bits.
     lowest = dataclasses.replace(config, bits={**config.bits, **{layer: MIN_BITS for layer in raised}})
+    total = config.total_params  # the budget rule's own capacities: weight-bits, or bytes
     if "avg_bits" in given:
         budget = _number(rule["avg_bits"], "rule avg_bits")
         if not 0 < budget <= MAX_BITS:
             _fail(f"rule avg_bits must be in (0, {MAX_BITS}], got {budget}")
-        total = config.total_params  # the budget rule's own capacity, in weight-bits
         if sum(config.num_params[k] * b for k, b in lowest.bits.items()) > math.floor(budget * total + 1e-9 * total):
             _fail(f"the layers average {config.avg_bits:.6g} bits, above the rule's budget avg_bits={budget}")
+    elif "bits_per_weight" in given:
+        budget = _number(rule["bits_per_weight"], "rule bits_per_weight")
+        if not 0 < budget <= 2 * MAX_BITS + 64:
+            _fail(f"rule bits_per_weight must be positive and below any stored size, got {budget}")
+        if not changed and lowest.size_bytes > math.floor(budget * total / 8 + 1e-9 * total):
+            _fail(f"the layers take {config.bits_per_weight:.6g} bits per weight, above the rule's budget "
+                  f"bits_per_weight={budget}")
     else:
         budget = _int(rule["max_bytes"], "rule max_bytes", 1, 2**63 - 1)
         if not changed and lowest.size_bytes > budget:  # another granularity changes the scale count
             _fail(f"the layers take {config.size_bytes} bytes, above the rule's budget max_bytes={budget}")
+
+
+def _group_size(value: Any, what: str, per_channel: bool) -> Any:
+    if value is None:
+        return None
+    size = _int(value, what, 1, MAX_NUMEL)
+    if not per_channel:
+        _fail(f"{what} {size} in a per-tensor config (groups split output channels)")
+    return size
+
+
+def _fits_groups(shape: tuple, group_size: int, groups: int) -> bool:
+    """Whether some axis of ``shape`` as the output channels gives ``groups`` groups of ``group_size``."""
+    numel = math.prod(shape)
+    return any(c * -(-(numel // c) // group_size) == groups for c in shape)
+
+
+def _tied(value: Any, name: str) -> list:
+    if not isinstance(value, list) or not value or len(value) > MAX_LAYERS:
+        _fail(f"tied of layer {name!r} must be a non-empty list of module names")
+    if not all(isinstance(n, str) and len(n) <= 1000 for n in value) or len(set(value)) != len(value):
+        _fail(f"tied of layer {name!r} must list distinct module names")
+    if name in value:
+        _fail(f"layer {name!r} is listed as tied to itself")
+    return list(value)
 
 
 def _parse_errors(table: Any, name: str, data_aware: bool) -> dict:

@@ -208,7 +208,7 @@ def candidate_weights(layer: nn.Module, table: RoundoffError) -> List[torch.Tens
     out = []
     for i, b in enumerate(table.bits):
         fq = fake_quantize_tensor(w, torch.from_numpy(table.scale[i]), torch.from_numpy(table.zero_point[i]),
-                                  int(b), ch_axis=ch)
+                                  int(b), ch_axis=ch, group_size=table.group_size)
         out.append(fq.to(device=w.device, dtype=w.dtype))
     return out
 

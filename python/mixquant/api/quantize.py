@@ -23,13 +23,13 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch.nn as nn
 
-from ..allocation.bitconfig import BitConfig, layer_bytes
+from ..allocation.bitconfig import BitConfig, layer_bytes, param_groups
 from ..core.limits import MAX_ACT_BITS, MAX_BITS, MIN_ACT_BITS, MIN_BITS
 from ..methods import METHODS, AsymmetricOptions, BrecqOptions
 from ..methods.common import QuantJob, build_options, execution_order
 from ..nn import qmodules
 from ..nn.calib import check_forward, collect_calib
-from ..nn.layers import channel_axis
+from ..nn.layers import channel_axis, tied_weights
 from ..nn.parametrized import materialize_weights
 from ..nn.precision import LOW_PRECISION, max_bits_for, restore_dtypes, to_float32
 
@@ -78,8 +78,10 @@ class QuantInfo:
     ``size_bytes = packed_weight_bytes + qparam_bytes``, the same definition as
     :attr:`BitConfig.size_bytes` (codes packed at each layer's bits, rounded up
     to whole bytes per layer, plus a float32 scale and an int32 zero point per
-    channel or per tensor). ``float_bytes`` counts everything else a file must
-    hold: biases, batch norms not folded, unquantized layers, activation scales.
+    channel or per tensor, or a bfloat16 scale and a packed zero point per
+    group). ``float_bytes`` counts everything else a file must hold: biases,
+    batch norms not folded, unquantized layers, activation scales. A tied
+    weight is counted once.
     """
 
     method: str
@@ -126,6 +128,7 @@ def quantized_keys(state: QuantState) -> List[str]:
     for name in state.config.bits:
         prefix = f"{name}." if name else ""
         keys += [prefix + "weight", prefix + "weight_scale", prefix + "weight_zero_point"]
+        keys += [f"{alias}.weight" if alias else "weight" for alias in state.config.tied.get(name, [])]
     return keys
 
 
@@ -142,7 +145,7 @@ def quant_info(qmodel: nn.Module) -> QuantInfo:
         n = layer.weight.numel()
         groups = layer.weight_scale.numel()
         num_params[name] = n
-        total = layer_bytes(n, bits, groups)
+        total = layer_bytes(n, bits, groups, getattr(layer, "mixquant_group_size", None) is not None)
         packed += (n * bits + 7) // 8
         qparams += total - (n * bits + 7) // 8
     skip = set(quantized_keys(state))
@@ -164,17 +167,21 @@ def _already_quantized(model: nn.Module) -> bool:
 
 
 def _applied_config(config: BitConfig, model: nn.Module, bits: Dict[str, int], per_channel: bool, symmetric: bool) -> BitConfig:
-    """The config as applied; what differs from ``config`` is recorded in its rule.
+    """The config as applied, with every tie the model really has; what differs from ``config`` is recorded in its rule.
 
     ``rule["raised"]`` lists the layers whose bits the method raised; with another
     granularity or symmetry, ``rule["quantizer_changed"]`` is set and the error
     tables (measured with the other quantizer) are dropped.
     """
+    grouped = [n for n in bits if config.group_size_of(n) is not None]
+    if grouped and not per_channel:
+        raise ValueError(f"per_channel=False contradicts the config: layer {grouped[0]!r} has groups of "
+                         f"{config.group_size_of(grouped[0])} (groups split output channels)")
     groups = dict(config.groups)
     if per_channel != config.per_channel:
         for name in bits:
             layer = model.get_submodule(name)
-            groups[name] = layer.weight.shape[channel_axis(layer)] if per_channel else 1
+            groups[name] = param_groups(tuple(layer.weight.shape), channel_axis(layer), per_channel, None)
     rule, errors = dict(config.rule), config.errors
     raised = [name for name in bits if bits[name] != config.bits[name]]
     if raised:
@@ -183,7 +190,7 @@ def _applied_config(config: BitConfig, model: nn.Module, bits: Dict[str, int], p
         rule["quantizer_changed"] = True
         errors = {}
     return dataclasses.replace(config, bits=dict(bits), groups=groups, per_channel=per_channel, symmetric=symmetric,
-                               rule=rule, errors=errors)
+                               rule=rule, errors=errors, tied=tied_weights(model, bits))
 
 
 def _check_copyable(model: nn.Module) -> None:
@@ -328,7 +335,7 @@ def quantize(
     _check_dtype_holds_bits(qmodel, bits, dtypes)
     applied = _applied_config(config, model, bits, per_channel, symmetric)
     job = QuantJob(bits=bits, spec=applied.spec, act_bits=act_bits, order=order, calib_x=x, calib_y=y, seed=seed,
-                   progress=progress)
+                   progress=progress, group_sizes=dict(applied.layer_group_size))
 
     result = run(qmodel, job, opts)
     restore_dtypes(qmodel, dtypes)

@@ -1,9 +1,16 @@
-"""``mixquant search``: find per-layer bit-widths and write them as a bit config."""
+"""``mixquant search``: find per-layer bit-widths and write them as a bit config.
+
+MODEL is a model (factory, TorchScript or torch.save file) or a safetensors
+checkpoint (a ``.safetensors`` file or a folder of shards), searched without
+the model.
+"""
 
 from __future__ import annotations
 
 import argparse
-from typing import Dict, List
+import fnmatch
+import os
+from typing import Dict, List, Optional, Union
 
 from .common import DATA_HELP, MODEL_HELP, add_data_options, add_trust_file_option, load_calib, load_model
 
@@ -21,6 +28,24 @@ def parse_bits(text: str) -> List[int]:
     if not values:
         raise argparse.ArgumentTypeError(f"bits {text!r} names no bit-width")
     return values
+
+
+def parse_group_size(text: str) -> Union[None, int, List[Optional[int]]]:
+    """'128' -> 128; 'none' -> None; 'none,128,64' -> [None, 128, 64] (the budget rule chooses per layer)."""
+    items = [t.strip().lower() for t in text.split(",")]
+    try:
+        values = [None if t in ("none", "channel") else int(t) for t in items]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"group size must look like '128', 'none' or 'none,128,64', got {text!r}") \
+            from None
+    if any(v is not None and v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"group sizes must be >= 1, got {text!r}")
+    return values[0] if len(values) == 1 else values
+
+
+def is_checkpoint(path: str) -> bool:
+    """Whether MODEL names a safetensors checkpoint: a .safetensors file or a folder."""
+    return os.path.isdir(path) or path.endswith(".safetensors")
 
 
 def parse_keep(items: List[str]) -> Dict[str, int]:
@@ -44,15 +69,21 @@ def register(sub: argparse._SubParsersAction) -> None:
         "search",
         help="choose a weight bit-width per layer (the MixQuant search)",
         description="Measure every layer's roundoff error at each candidate bit-width and choose "
-        "per-layer bits by the QEM rule (--qem) or an exact budget rule (--avg-bits / --max-bytes). "
-        + MODEL_HELP,
+        "per-layer bits by the QEM rule (--qem) or an exact budget rule (--avg-bits / --max-bytes / "
+        "--bits-per-weight). " + MODEL_HELP + " MODEL may also be a safetensors checkpoint (a .safetensors "
+        "file, or a folder of shards with or without model.safetensors.index.json): every tensor of 2+ "
+        "dimensions named '*.weight' is then a layer, named without '.weight', read one run of rows at a time.",
     )
-    p.add_argument("model", metavar="MODEL", help="package.module:factory, a TorchScript file, or a torch.save file")
+    p.add_argument("model", metavar="MODEL",
+                   help="package.module:factory, a TorchScript file, a torch.save file, or a safetensors checkpoint "
+                        "(a .safetensors file or a folder of shards) searched without the model")
     p.add_argument("--bits", type=parse_bits, default=list(range(2, 9)), help="candidate bit-widths, e.g. 2-8 or 2,4,8 (default 2-8)")
     rule = p.add_mutually_exclusive_group(required=True)
     rule.add_argument("--qem", type=float, help="quantization error multiplier: smallest bits with err(b) <= QEM * err(ref)")
     rule.add_argument("--avg-bits", type=float, help="parameter-weighted average bit-width budget (exact knapsack)")
     rule.add_argument("--max-bytes", type=int, help="budget on packed weights + scales + zero points, in bytes")
+    rule.add_argument("--bits-per-weight", type=float,
+                      help="budget on stored bits per weight, scales and zero points included")
     p.add_argument("--ref-bits", type=int, default=8, help="QEM reference bit-width (default 8)")
     p.add_argument("--qem-reference", choices=["layer", "model"], default="layer",
                    help="QEM reference: the layer's own error at --ref-bits, or the median normalised error over layers")
@@ -73,9 +104,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     gran.add_argument("--per-channel", dest="per_channel", action="store_true", default=True,
                       help="one scale per output channel (default)")
     gran.add_argument("--per-tensor", dest="per_channel", action="store_false", help="one scale per layer")
+    p.add_argument("--group-size", type=parse_group_size, default=None, metavar="N|none|LIST",
+                   help="groups of N consecutive weights per output channel (bfloat16 scales); 'none' is per "
+                        "channel; a list such as none,128,64 lets the budget rule (--bits-per-weight or "
+                        "--max-bytes) choose per layer")
     p.add_argument("--symmetric", action="store_true", help="symmetric quantizer (default asymmetric)")
     p.add_argument("--clip", choices=["minmax", "mse"], default="minmax", help="range: min/max, or the clipping search")
     p.add_argument("--keep", nargs="*", metavar="NAME=BITS", help="pin layers, e.g. --keep conv1=8 fc=8")
+    p.add_argument("--embeddings", action="store_true",
+                   help="also quantize nn.Embedding layers of MODEL (a checkpoint's embeddings are always included)")
+    p.add_argument("--include", nargs="*", metavar="GLOB", help="only layers whose name matches one of these globs")
+    p.add_argument("--exclude", nargs="*", metavar="GLOB", help="leave out layers whose name matches one of these")
+    p.add_argument("--transposed", nargs="*", metavar="GLOB",
+                   help="checkpoint layers with output channels on axis 1 (GPT-2 Conv1D, ConvTranspose)")
     p.add_argument("--backend", choices=["native", "reference"], default=None, help="kernel backend (default native)")
     p.add_argument("--threads", type=int, default=None, help="native threads (default MIXQUANT_NUM_THREADS or torch's)")
     add_data_options(p)
@@ -86,19 +127,41 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..api.checkpoint import search_checkpoint
     from ..api.search import search
     from ..io.files import check_destination
 
     check_destination(args.out, args.overwrite)  # before the work, not after it
-    model = load_model(args.model, trust_file=args.trust_file)
-    calib = load_calib(args.calib, image_size=args.image_size, resize=args.resize) if args.calib else None
-    config = search(
-        model, args.bits, qem=args.qem, ref_bits=args.ref_bits, qem_reference=args.qem_reference,
-        avg_bits=args.avg_bits, max_bytes=args.max_bytes, objective=args.objective,
-        per_channel=args.per_channel, symmetric=args.symmetric, clip=args.clip, keep=parse_keep(args.keep),
-        sensitivity=args.sensitivity, calib_data=calib, calib_samples=args.calib_samples,
-        output_loss=args.output_loss, seed=args.seed, backend=args.backend, num_threads=args.threads, progress=True,
+    common = dict(
+        qem=args.qem, ref_bits=args.ref_bits, qem_reference=args.qem_reference, avg_bits=args.avg_bits,
+        max_bytes=args.max_bytes, bits_per_weight=args.bits_per_weight, objective=args.objective,
+        per_channel=args.per_channel, symmetric=args.symmetric, clip=args.clip, group_size=args.group_size,
+        keep=parse_keep(args.keep), backend=args.backend, num_threads=args.threads, progress=True,
     )
+    if is_checkpoint(args.model):
+        if args.sensitivity not in (None, "weight") or args.calib:
+            raise ValueError("a checkpoint is searched without its model: only the data-free table "
+                             "(--sensitivity weight) applies; give a MODEL for --calib")
+        if common["objective"] is None:
+            del common["objective"]
+        if args.embeddings:
+            raise ValueError("--embeddings applies to a MODEL; a checkpoint's embeddings are included (use --exclude)")
+        config = search_checkpoint(args.model, args.bits, include=args.include, exclude=args.exclude,
+                                   transposed=args.transposed, **common)
+    else:
+        if args.transposed:
+            raise ValueError("--transposed applies to checkpoints; a MODEL's layers know their channel axis")
+        include, exclude = args.include, args.exclude
+
+        def selected(_module, name: str) -> bool:
+            return (include is None or any(fnmatch.fnmatchcase(name, g) for g in include)) \
+                and not any(fnmatch.fnmatchcase(name, g) for g in exclude or ())
+
+        model = load_model(args.model, trust_file=args.trust_file)
+        calib = load_calib(args.calib, image_size=args.image_size, resize=args.resize) if args.calib else None
+        config = search(model, args.bits, filter_fn=selected, embeddings=args.embeddings, sensitivity=args.sensitivity,
+                        calib_data=calib, calib_samples=args.calib_samples, output_loss=args.output_loss,
+                        seed=args.seed, **common)
     config.save(args.out, overwrite=args.overwrite)
     print(config)
     print(f"wrote {args.out}")

@@ -12,16 +12,20 @@ from . import reference
 from .backend import native, resolve_backend, resolve_threads
 from .limits import DEFAULT_CANDIDATES, DEFAULT_N_GRID, DEFAULT_P, DEFAULT_STEP
 from .spec import QuantizerSpec
-from .tensors import as_matrix, check_bit_list, check_bits, finite_minmax
+from .tensors import as_matrix, check_bit_list, check_bits, finite_group_minmax, finite_minmax, group_count
 
 Tensor = torch.Tensor
 
-__all__ = ["ClipSearchResult", "clip_search", "choose_qparams", "spec_qparams", "grid_ranges"]
+__all__ = ["ClipSearchResult", "clip_search", "choose_qparams", "spec_qparams", "spec_ranges", "grid_ranges"]
 
 
 @dataclass(frozen=True)
 class ClipSearchResult:
-    """Outcome of the clipping-range search, one row per bit-width, one column per group."""
+    """Outcome of the clipping-range search, one row per bit-width, one column per group.
+
+    The groups are the tensor (one column), the output channels, or the
+    (channel, group) pairs of a group-wise quantizer in row-major order.
+    """
 
     bits: np.ndarray        #: [B] int64 bit-widths
     best_index: Tensor      #: [B, S] int32 index i of the chosen ratio 1 - i*step
@@ -36,30 +40,53 @@ def _group_range(lo: Tensor, hi: Tensor, per_channel: bool) -> Tuple[Tensor, Ten
 
 
 def _search(m: Tensor, lo: Tensor, hi: Tensor, bits: List[int], spec: QuantizerSpec, be: str, nt: int):
-    """Native or reference clipping search over the groups of ``spec``: ``(index, scale, zp, lp) [B, S]``."""
-    lo, hi = _group_range(lo, hi, spec.per_channel)
+    """Native or reference clipping search over the groups of ``spec``: ``(index, scale, zp, lp) [B, S]``.
+
+    For a group-wise spec, ``lo``/``hi`` are the group ranges ``[C * G]``.
+    """
+    gs = spec.group_size
+    if gs is None:
+        lo, hi = _group_range(lo, hi, spec.per_channel)
+    bit_arr = np.asarray(bits, dtype=np.int32)
     if be == "native":
-        out = native().clip_search(m.numpy(), lo.numpy(), hi.numpy(), np.asarray(bits, dtype=np.int32),
-                                   spec.symmetric, spec.n_grid, spec.step, spec.p, nt)
+        if gs is None:
+            out = native().clip_search(m.numpy(), lo.numpy(), hi.numpy(), bit_arr, spec.symmetric, spec.n_grid,
+                                       spec.step, spec.p, nt)
+        else:
+            out = native().group_clip_search(m.numpy(), lo.numpy(), hi.numpy(), bit_arr, gs, spec.symmetric,
+                                             spec.n_grid, spec.step, spec.p, nt)
         return tuple(torch.from_numpy(a) for a in out)
-    return reference.clip_search(m, lo, hi, bits, spec.symmetric, spec.n_grid, spec.step, spec.p)
+    if gs is None:
+        return reference.clip_search(m, lo, hi, bits, spec.symmetric, spec.n_grid, spec.step, spec.p)
+    return reference.group_clip_search(m, lo, hi, bits, gs, spec.symmetric, spec.n_grid, spec.step, spec.p)
+
+
+def spec_ranges(m: Tensor, spec: QuantizerSpec, name: str, be: str, nt: int) -> Tuple[Tensor, Tensor]:
+    """Finite ranges of matrix ``m``: per row ``[C]``, or per group ``[C * G]`` for a group-wise spec."""
+    if spec.group_size is None:
+        return finite_minmax(m, name, be, nt)
+    return finite_group_minmax(m, spec.group_size, name, be, nt)
 
 
 def grid_ranges(m: Tensor, lo: Tensor, hi: Tensor, bits: List[int], spec: QuantizerSpec, be: str,
                 nt: int) -> Tuple[Tensor, Tensor]:
-    """``[B, S]`` scales and zero points of matrix ``m`` (row ranges ``lo``/``hi``) under ``spec``."""
+    """``[B, S]`` scales and zero points of matrix ``m`` (ranges ``lo``/``hi`` of :func:`spec_ranges`) under ``spec``."""
     if spec.clip == "mse":
         _, scale, zp, _ = _search(m, lo, hi, bits, spec, be, nt)
         return scale, zp
-    lo, hi = _group_range(lo, hi, spec.per_channel)
+    grouped = spec.group_size is not None
+    if not grouped:
+        lo, hi = _group_range(lo, hi, spec.per_channel)
     scale = torch.empty(len(bits), lo.numel(), dtype=torch.float32)
     zp = torch.empty(len(bits), lo.numel(), dtype=torch.int32)
     for i, b in enumerate(bits):
         if be == "native":
-            s, z = native().qparams(lo.numpy(), hi.numpy(), b, spec.symmetric)
+            fn = native().group_qparams if grouped else native().qparams
+            s, z = fn(lo.numpy(), hi.numpy(), b, spec.symmetric)
             scale[i], zp[i] = torch.from_numpy(s), torch.from_numpy(z)
         else:
-            scale[i], zp[i] = reference.qparams(lo, hi, b, spec.symmetric)
+            fn = reference.group_qparams if grouped else reference.qparams
+            scale[i], zp[i] = fn(lo, hi, b, spec.symmetric)
     return scale, zp
 
 
@@ -69,8 +96,11 @@ def spec_qparams(w: Tensor, bits: int, spec: QuantizerSpec, *, ch_axis: int = 0,
     bits = check_bits(bits)
     be, nt = resolve_backend(backend), resolve_threads(num_threads)
     m = as_matrix(w, ch_axis, name)
-    lo, hi = finite_minmax(m, name, be, nt)
+    lo, hi = spec_ranges(m, spec, name, be, nt)
     scale, zp = grid_ranges(m, lo, hi, [bits], spec, be, nt)
+    if spec.group_size is not None:
+        shape = (m.shape[0], group_count(m.shape[1], spec.group_size))
+        return scale[0].reshape(shape), zp[0].reshape(shape)
     return scale[0], zp[0]
 
 
@@ -84,6 +114,7 @@ def choose_qparams(
     p: float = DEFAULT_P,
     n_grid: int = DEFAULT_N_GRID,
     step: float = DEFAULT_STEP,
+    group_size: Optional[int] = None,
     ch_axis: int = 0,
     backend: Optional[str] = None,
     num_threads: Optional[int] = None,
@@ -93,10 +124,11 @@ def choose_qparams(
 
     ``clip="minmax"`` uses the full range; ``clip="mse"`` searches ``n_grid``
     shrink ratios ``1 - i*step`` and keeps the one with the lowest ``sum |e|^p``.
-    Returns ``(scale float32, zero_point int32)`` of shape ``[C]`` (per channel)
-    or ``[1]`` (per tensor).
+    Returns ``(scale float32, zero_point int32)`` of shape ``[C]`` (per channel),
+    ``[1]`` (per tensor) or ``[C, G]`` (``group_size``: ``G = ceil(K / group_size)``
+    groups per row of the ``[C, K]`` matrix; scales are bfloat16 values).
     """
-    spec = QuantizerSpec(per_channel, symmetric, clip, p, n_grid, step)
+    spec = QuantizerSpec(per_channel, symmetric, clip, p, n_grid, step, group_size)
     return spec_qparams(w, bits, spec, ch_axis=ch_axis, backend=backend, num_threads=num_threads, name=name)
 
 
@@ -110,6 +142,7 @@ def clip_search(
     p: float = DEFAULT_P,
     n_grid: int = DEFAULT_N_GRID,
     step: float = DEFAULT_STEP,
+    group_size: Optional[int] = None,
     ch_axis: int = 0,
     backend: Optional[str] = None,
     num_threads: Optional[int] = None,
@@ -119,13 +152,14 @@ def clip_search(
 
     Candidate ``i`` (0 ≤ i < n_grid) uses ``(lo*(1-i*step), hi*(1-i*step))`` of the
     zero-including min/max range; ties keep the widest range. One fused pass in
-    the native core serves all candidates and all bit-widths.
+    the native core serves all candidates and all bit-widths. With ``group_size``
+    every group of every row is searched on its own (columns ``[C * G]``).
     """
-    spec = QuantizerSpec(per_channel, symmetric, clip, p, n_grid, step)
+    spec = QuantizerSpec(per_channel, symmetric, clip, p, n_grid, step, group_size)
     bit_list = check_bit_list(bits)
     be, nt = resolve_backend(backend), resolve_threads(num_threads)
     m = as_matrix(w, ch_axis, name)
-    lo, hi = finite_minmax(m, name, be, nt)
+    lo, hi = spec_ranges(m, spec, name, be, nt)
     idx, scale, zp, err = _search(m, lo, hi, bit_list, spec, be, nt)
     ratio = 1.0 - idx.double() * spec.step
     return ClipSearchResult(np.asarray(bit_list, dtype=np.int64), idx, scale, zp, err, ratio)

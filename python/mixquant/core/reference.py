@@ -31,6 +31,15 @@ __all__ = [
     "pack_bits",
     "unpack_bits",
     "unpack_dequantize",
+    "bf16_ceil",
+    "group_view",
+    "group_minmax",
+    "group_qparams",
+    "group_fake_quantize",
+    "group_quantize",
+    "group_dequantize",
+    "group_error_table",
+    "group_clip_search",
 ]
 
 
@@ -143,6 +152,11 @@ def clip_search(
     """
     per_tensor = lo.numel() == 1 and w.shape[0] != 1
     rows = w.reshape(1, -1) if per_tensor else w
+    return _clip_rows(rows, lo, hi, bits, symmetric, n_grid, step, p, qparams)
+
+
+def _clip_rows(rows, lo, hi, bits, symmetric, n_grid, step, p, make_qparams):
+    """The clipping search with one range per row of ``rows``; ``make_qparams(lo, hi, bits, symmetric)``."""
     groups = lo.numel()
     lo_d = torch.clamp(lo.to(torch.float32), max=0.0).double()
     hi_d = torch.clamp(hi.to(torch.float32), min=0.0).double()
@@ -153,7 +167,7 @@ def clip_search(
     for bi, b in enumerate(bits):
         for i in range(n_grid):
             factor = 1.0 - i * step
-            scale, zp = qparams((lo_d * factor).float(), (hi_d * factor).float(), int(b), symmetric)
+            scale, zp = make_qparams((lo_d * factor).float(), (hi_d * factor).float(), int(b), symmetric)
             err = _lp(rows - fake_quantize(rows, scale, zp, int(b)), p)
             better = err < out_err[bi]
             out_err[bi] = torch.where(better, err, out_err[bi])
@@ -206,3 +220,90 @@ def unpack_dequantize(
     s = scale.reshape(-1).to(device=dev, dtype=torch.float32)[index]
     z = zp.reshape(-1).to(device=dev, dtype=torch.float32)[index]
     return ((codes - z) * s).reshape(-1)
+
+
+# ---------------------------------------------------------------- groups ----
+# A row of K weights is cut into G = ceil(K / group_size) groups of group_size
+# consecutive elements, the last one possibly short. The twins below pad each
+# row with zeros to G * group_size and view the matrix as [C * G, group_size],
+# one group per row, then reuse the per-row functions above. Zero padding is
+# neutral: zero is inside every (zero-including) range and exactly on every
+# grid, so it changes no range, parameter, error or energy.
+
+
+def group_view(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``w[C, K]`` as ``[C * G, group_size]``, the last group of each row zero-padded."""
+    c, k = w.shape
+    g = -(-k // group_size)
+    if g * group_size != k:
+        w = torch.nn.functional.pad(w, (0, g * group_size - k))
+    return w.reshape(c * g, group_size)
+
+
+def _ungroup(v: torch.Tensor, c: int, k: int) -> torch.Tensor:
+    return v.reshape(c, -1)[:, :k]
+
+
+def bf16_ceil(scale: torch.Tensor) -> torch.Tensor:
+    """The smallest bfloat16 >= each positive float32 scale (the largest finite bfloat16 above it)."""
+    bits = scale.to(torch.float32).contiguous().view(torch.int32).to(torch.int64)
+    bits = torch.clamp((bits + 0xFFFF) & 0xFFFF0000, max=0x7F7F0000)
+    return bits.to(torch.int32).view(torch.float32)
+
+
+def group_minmax(w: torch.Tensor, group_size: int) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    """Per-group min/max over finite values ``[C * G]`` and the count of non-finite values."""
+    c, k = w.shape
+    pad = -(-k // group_size) * group_size - k
+    # Pad the short last group with copies of its own last element: its min/max stay the same.
+    padded = torch.cat([w, w[:, -1:].expand(c, pad)], dim=1) if pad else w
+    lo, hi, _ = channel_minmax(padded.reshape(-1, group_size))
+    none = lo > hi  # a group without any finite value reports (0, 0)
+    return torch.where(none, 0.0, lo), torch.where(none, 0.0, hi), channel_minmax(w)[2]
+
+
+def group_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`qparams` with the scale rounded up to bfloat16 and the zero point computed from it."""
+    scale, zp = qparams(lo, hi, bits, symmetric)
+    scale = bf16_ceil(scale)
+    if not symmetric:
+        qmax = float(2**bits - 1)
+        lo_d = torch.clamp(lo.to(torch.float32), max=0.0).double()
+        zp = torch.where(scale == 1.0, zp.double(), torch.clamp(torch.round(-lo_d / scale.double()), 0.0, qmax))
+    return scale, zp.to(torch.int32)
+
+
+def group_fake_quantize(w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, bits: int,
+                        group_size: int) -> torch.Tensor:
+    """:func:`fake_quantize` with one ``[C * G]`` parameter per group."""
+    out = fake_quantize(group_view(w, group_size), scale.reshape(-1), zp.reshape(-1), bits)
+    return _ungroup(out, *w.shape)
+
+
+def group_quantize(w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """:func:`quantize` with one ``[C * G]`` parameter per group."""
+    out = quantize(group_view(w, group_size), scale.reshape(-1), zp.reshape(-1), bits)
+    return _ungroup(out, *w.shape)
+
+
+def group_dequantize(codes: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, group_size: int) -> torch.Tensor:
+    """:func:`dequantize` with one ``[C * G]`` parameter per group."""
+    out = dequantize(group_view(codes, group_size), scale.reshape(-1), zp.reshape(-1))
+    return _ungroup(out, *codes.shape)
+
+
+def group_error_table(
+    w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, bits: Sequence[int], group_size: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per (bit-width, row) sum of squared error and max |error| of group parameters ``[B, C * G]``."""
+    c = w.shape[0]
+    sse, max_abs = error_table(group_view(w, group_size), scale, zp, bits)
+    return sse.reshape(len(bits), c, -1).sum(dim=2), max_abs.reshape(len(bits), c, -1).amax(dim=2)
+
+
+def group_clip_search(
+    w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: Sequence[int], group_size: int, symmetric: bool,
+    n_grid: int, step: float, p: float,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`clip_search` per group (ranges ``lo``/``hi`` ``[C * G]``) with bfloat16 scales; outputs ``[B, C * G]``."""
+    return _clip_rows(group_view(w, group_size), lo, hi, bits, symmetric, n_grid, step, p, group_qparams)

@@ -21,7 +21,8 @@ from .limits import MAX_BITS, MIN_BITS
 Tensor = torch.Tensor
 FLT_MIN = float(torch.finfo(torch.float32).tiny)
 
-__all__ = ["check_bits", "check_bit_list", "as_matrix", "restore_shape", "check_qparams", "finite_minmax"]
+__all__ = ["check_bits", "check_bit_list", "as_matrix", "restore_shape", "check_qparams", "finite_minmax",
+           "group_count", "check_group_qparams", "finite_group_minmax", "widen_into"]
 
 
 def check_bits(bits: object, name: str = "bits") -> int:
@@ -113,6 +114,59 @@ def check_qparams(scale: Tensor, zero_point: Tensor, channels: int, qmax: int) -
         raise ValueError(f"zero_point must lie in [0, {qmax}], got values in "
                          f"[{zero_point.min().item():g}, {zero_point.max().item():g}]")
     return scale, zero_point.to(torch.int32).contiguous()
+
+
+def widen_into(t: Tensor, out: Tensor, backend: str, num_threads: int) -> Tensor:
+    """The float32 values of a contiguous bfloat16/float16 CPU tensor ``t``, written into the float32 buffer ``out``
+    (at least ``t.numel()`` elements) and returned as a view of ``t``'s shape.
+
+    Natively the conversion runs in the core's own threads (a second thread pool
+    spinning beside the native kernels costs them speed on a busy machine); the
+    reference is ``out.copy_(t)``. Both are exact.
+    """
+    if t.dtype not in (torch.bfloat16, torch.float16) or not t.is_contiguous() or t.device.type != "cpu":
+        raise TypeError(f"widen_into takes a contiguous bfloat16/float16 CPU tensor, got {t.dtype} on {t.device}")
+    if out.dtype != torch.float32 or not out.is_contiguous() or out.numel() < t.numel():
+        raise ValueError(f"out must be a contiguous float32 buffer of at least {t.numel()} elements")
+    view = out.reshape(-1)[: t.numel()].view(t.shape)
+    if backend == "native":
+        bits = t.view(torch.int16).numpy().view(np.uint16)
+        kind = "bfloat16" if t.dtype == torch.bfloat16 else "float16"
+        native().widen_16(bits.reshape(-1), kind, out.reshape(-1).numpy(), num_threads)
+    else:
+        view.copy_(t)
+    return view
+
+
+def group_count(k: int, group_size: int) -> int:
+    """Groups per row of ``k`` weights: ``ceil(k / group_size)`` (the last one possibly short)."""
+    return -(-int(k) // int(group_size))
+
+
+def check_group_qparams(scale: Tensor, zero_point: Tensor, channels: int, groups: int,
+                        qmax: int) -> Tuple[Tensor, Tensor]:
+    """Validated group parameters: ``channels * groups`` values each (any shape), flattened in (row, group) order."""
+    n = channels * groups
+    if torch.as_tensor(scale).numel() != n or torch.as_tensor(zero_point).numel() != n:
+        raise ValueError(f"group-wise scale and zero_point must hold {channels} x {groups} = {n} values each "
+                         f"(channels x groups), got {torch.as_tensor(scale).numel()} and "
+                         f"{torch.as_tensor(zero_point).numel()}")
+    scale = torch.as_tensor(scale).reshape(-1)
+    zero_point = torch.as_tensor(zero_point).reshape(-1)
+    return check_qparams(scale, zero_point, n, qmax)
+
+
+def finite_group_minmax(m: Tensor, group_size: int, name: str, backend: str,
+                        num_threads: int) -> Tuple[Tensor, Tensor]:
+    """Per-group min/max ``[C * G]`` of a matrix; ValueError naming ``name`` when it holds NaN or Inf."""
+    if backend == "native":
+        lo, hi, bad = native().group_minmax(m.numpy(), group_size, num_threads)
+        lo, hi = torch.from_numpy(lo), torch.from_numpy(hi)
+    else:
+        lo, hi, bad = reference.group_minmax(m, group_size)
+    if bad:
+        raise ValueError(f"{name} contains {bad} non-finite value(s) (NaN or Inf)")
+    return lo, hi
 
 
 def finite_minmax(m: Tensor, name: str, backend: str, num_threads: int) -> Tuple[Tensor, Tensor]:

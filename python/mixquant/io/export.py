@@ -1,11 +1,17 @@
 """Save a quantized model with real integer weights, and load it back bit-exactly.
 
-File format (safetensors, ``format = "mixquant.quantized"``, version 1):
+File format (safetensors, ``format = "mixquant.quantized"``, version 2; version 1,
+which had neither groups nor ties, is still read):
 
 * for each quantized layer ``L``: ``L.weight.packed`` (uint8, the codes
   flattened in the weight's memory order and packed LSB-first at the layer's
   bit-width by :func:`mixquant.pack_bits`), ``L.weight_scale`` (float32,
-  ``[C]`` or ``[1]``) and ``L.weight_zero_point`` (int32, same shape);
+  ``[C]`` or ``[1]``) and ``L.weight_zero_point`` (int32, same shape); for a
+  group-wise layer ``L.weight_scale`` is bfloat16 ``[C, G]`` and the zero points
+  are ``L.weight_zero_point.packed`` (uint8, the ``C * G`` zero points in
+  (row, group) order packed at the layer's bit-width);
+* a tied weight once, under its layer's name (the modules sharing it are
+  listed in the layer's metadata and re-tied on load);
 * every other entry of the model's ``state_dict`` as it is: biases, batch norms
   that were not folded, unquantized layers, activation quantizer scales and
   zero points;
@@ -39,6 +45,7 @@ from ..api.quantize import QuantState, _state, quantized_keys
 from ..core.kernels import pack_bits, unpack_bits
 from ..core.limits import MAX_ACT_BITS, MAX_BITS, MIN_ACT_BITS, MIN_BITS
 from ..nn import qmodules
+from ..nn.layers import tied_weights
 from ..nn.fold import apply_fold_structure
 from ..nn.layers import channel_axis
 from ..nn.packed import PACKED_KEY, pack_layer
@@ -49,8 +56,10 @@ from .files import check_destination, read_regular, write_bytes_atomic
 __all__ = ["export", "load_quantized", "ExportInfo", "FORMAT", "VERSION"]
 
 FORMAT = "mixquant.quantized"
-VERSION = 1
+VERSION = 2  # 2: group-wise layers and tied weights; version-1 files are still read
+READABLE_VERSIONS = ("1", "2")
 PACKED_SUFFIX = "weight.packed"
+PACKED_ZP_SUFFIX = "weight_zero_point.packed"
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -91,6 +100,10 @@ def _prefix(name: str) -> str:
 
 def _layer_codes(layer: nn.Module, name: str) -> torch.Tensor:
     """Integer codes of a quantized layer, checked to reproduce its stored weight exactly."""
+    scale = layer.weight_scale.detach().cpu()
+    gs = getattr(layer, "mixquant_group_size", None)
+    if gs is not None and not torch.equal(scale.to(torch.bfloat16).float(), scale):
+        raise RuntimeError(f"layer {name!r}: its group scales are not bfloat16 values (was it modified after quantize?)")
     codes = qmodules.grid_codes(layer)
     if codes is None:
         raise RuntimeError(
@@ -121,12 +134,21 @@ def export(qmodel: nn.Module, path: PathLike, *, overwrite: bool = False) -> Exp
         packed = torch.from_numpy(pack_bits(codes.reshape(-1), bits).copy())
         p = _prefix(name)
         tensors[p + PACKED_SUFFIX] = packed
-        tensors[p + "weight_scale"] = layer.weight_scale.detach().cpu().float().contiguous()
-        tensors[p + "weight_zero_point"] = layer.weight_zero_point.detach().cpu().to(torch.int32).contiguous()
         packed_bytes += packed.numel()
-        qparam_bytes += 8 * layer.weight_scale.numel()
+        gs = getattr(layer, "mixquant_group_size", None)
+        scale = layer.weight_scale.detach().cpu().float().contiguous()
+        zp = layer.weight_zero_point.detach().cpu().to(torch.int32).contiguous()
+        if gs is None:
+            tensors[p + "weight_scale"] = scale
+            tensors[p + "weight_zero_point"] = zp
+        else:  # the stored dtypes BitConfig.size_bytes counts: bfloat16 scales, zero points packed at `bits`
+            tensors[p + "weight_scale"] = scale.to(torch.bfloat16)
+            tensors[p + PACKED_ZP_SUFFIX] = torch.from_numpy(pack_bits(zp.reshape(-1), bits).copy())
+        qparam_bytes += sum(tensors[p + k].numel() * tensors[p + k].element_size()
+                            for k in ("weight_scale", "weight_zero_point", PACKED_ZP_SUFFIX) if p + k in tensors)
         layers_meta[name] = {"bits": bits, "shape": list(layer.weight.shape), "ch_axis": layer.mixquant_ch_axis,
-                             "dtype": str(layer.weight.dtype).replace("torch.", "")}
+                             "dtype": str(layer.weight.dtype).replace("torch.", ""), "group_size": gs,
+                             "tied": list(state.config.tied.get(name, []))}
     skip = set(quantized_keys(state)) | {_prefix(name) + PACKED_KEY for name in state.config.bits}
     float_bytes = 0
     for key, value in qmodel.state_dict().items():
@@ -279,9 +301,13 @@ def _layer_tensors(tensors, name: str, spec, config: BitConfig, layer: nn.Module
     if spec.get("dtype") != dtype:
         raise _bad(path, f"layer {name!r}: the file holds a {spec.get('dtype')!r} weight, the model's is {dtype} "
                          "(convert the model to the exported dtype first)")
+    gs = spec.get("group_size")
+    if gs != config.group_size_of(name) or isinstance(gs, bool):
+        raise _bad(path, f"layer {name!r}: group size {gs!r} disagrees with the config ({config.group_size_of(name)})")
     p = _prefix(name)
+    zp_key = "weight_zero_point" if gs is None else PACKED_ZP_SUFFIX
     try:
-        packed, scale, zp = (tensors.pop(p + k) for k in (PACKED_SUFFIX, "weight_scale", "weight_zero_point"))
+        packed, scale, zp = (tensors.pop(p + k) for k in (PACKED_SUFFIX, "weight_scale", zp_key))
     except KeyError as exc:
         raise _bad(path, f"layer {name!r}: tensor {exc.args[0]!r} is missing") from None
     n = math.prod(shape)
@@ -289,16 +315,31 @@ def _layer_tensors(tensors, name: str, spec, config: BitConfig, layer: nn.Module
         raise _bad(path, f"layer {name!r}: packed codes must be {(n * bits + 7) // 8} uint8 bytes, "
                          f"got {packed.dtype} {tuple(packed.shape)}")
     groups = config.groups[name]
-    if groups not in (1, shape[axis]):
-        raise _bad(path, f"layer {name!r}: {groups} groups do not fit axis {axis} of {shape}")
-    for t, dtype, label in ((scale, torch.float32, "scale"), (zp, torch.int32, "zero point")):
-        if t.dtype != dtype or t.dim() != 1 or t.numel() != groups:
-            raise _bad(path, f"layer {name!r}: {label} must be {groups} {dtype} values, got {t.dtype} {tuple(t.shape)}")
+    if gs is None:
+        if groups not in (1, shape[axis]):
+            raise _bad(path, f"layer {name!r}: {groups} groups do not fit axis {axis} of {shape}")
+        for t, dtype, label in ((scale, torch.float32, "scale"), (zp, torch.int32, "zero point")):
+            if t.dtype != dtype or t.dim() != 1 or t.numel() != groups:
+                raise _bad(path, f"layer {name!r}: {label} must be {groups} {dtype} values, got {t.dtype} "
+                                 f"{tuple(t.shape)}")
+    else:
+        rows = shape[axis]
+        per_row = -(-(n // rows) // gs)
+        if groups != rows * per_row:
+            raise _bad(path, f"layer {name!r}: {groups} groups do not fit {rows} rows of groups of {gs}")
+        if scale.dtype != torch.bfloat16 or tuple(scale.shape) != (rows, per_row):
+            raise _bad(path, f"layer {name!r}: group scales must be bfloat16 [{rows}, {per_row}], got {scale.dtype} "
+                             f"{tuple(scale.shape)}")
+        if zp.dtype != torch.uint8 or zp.dim() != 1 or zp.numel() != (groups * bits + 7) // 8:
+            raise _bad(path, f"layer {name!r}: packed zero points must be {(groups * bits + 7) // 8} uint8 bytes, "
+                             f"got {zp.dtype} {tuple(zp.shape)}")
+        scale = scale.float()
+        zp = torch.from_numpy(unpack_bits(zp.numpy(), bits, groups).astype("int32")).reshape(rows, per_row)
     if not torch.isfinite(scale).all() or (scale < torch.finfo(torch.float32).tiny).any():
         raise _bad(path, f"layer {name!r}: scales must be finite and positive")
     if (zp < 0).any() or (zp > 2**bits - 1).any():
         raise _bad(path, f"layer {name!r}: zero points must lie in [0, {2**bits - 1}]")
-    return packed, scale, zp, bits, axis
+    return packed, scale, zp, bits, axis, gs
 
 
 def _unpacked(packed: torch.Tensor, bits: int, shape) -> torch.Tensor:
@@ -374,8 +415,9 @@ def load_quantized(path: PathLike, model: nn.Module, *, packed: bool = False) ->
     metadata, tensors = _read(path)
     if metadata.get("format") != FORMAT:
         raise _bad(path, f"format {metadata.get('format')!r} is not {FORMAT!r}")
-    if metadata.get("version") != str(VERSION):
-        raise _bad(path, f"unsupported version {metadata.get('version')!r} (this mixquant reads {VERSION})")
+    if metadata.get("version") not in READABLE_VERSIONS:
+        raise _bad(path, f"unsupported version {metadata.get('version')!r} (this mixquant reads "
+                         f"{', '.join(READABLE_VERSIONS)})")
     config_dict = _meta(metadata, "config", path)
     try:
         config = BitConfig.from_dict(config_dict)
@@ -404,6 +446,11 @@ def load_quantized(path: PathLike, model: nn.Module, *, packed: bool = False) ->
     try:
         materialize_weights(work, [n for n in config.bits if n in dict(work.named_modules())])
         config.check_model(work)
+        ties = tied_weights(work, config.bits)
+        if ties != config.tied:
+            name = next(n for n in set(ties) | set(config.tied) if ties.get(n) != config.tied.get(n))
+            raise ValueError(f"layer {name!r} shares its weight with {ties.get(name, [])} in this model, with "
+                             f"{config.tied.get(name, [])} in the file")
         apply_fold_structure(work, [tuple(pair) for pair in folded])
         _check_act_owners(work, config, inputs, outputs)
     except (AttributeError, ValueError, TypeError) as exc:
@@ -412,18 +459,28 @@ def load_quantized(path: PathLike, model: nn.Module, *, packed: bool = False) ->
     state_dict: Dict[str, torch.Tensor] = {}
     for name in config.bits:
         layer = work.get_submodule(name)
-        codes, scale, zp, bits, axis = _layer_tensors(tensors, name, layers_meta[name], config, layer, path)
+        codes, scale, zp, bits, axis, gs = _layer_tensors(tensors, name, layers_meta[name], config, layer, path)
         if packed:
+            if gs is not None:
+                raise ValueError(f"{path!r}: layer {name!r} has groups of {gs}; the packed runtime decodes "
+                                 "per-channel and per-tensor layers only (load it unpacked)")
             try:
                 pack_layer(layer, codes, scale, zp, bits, axis, name)
             except ValueError as exc:
                 raise ValueError(f"{path!r} cannot be loaded packed into this model: {exc}") from None
             keys = (PACKED_KEY, "weight_scale", "weight_zero_point")
         else:
-            qmodules.set_quantized_weight(layer, _unpacked(codes, bits, config.shapes[name]), scale, zp, bits, axis)
+            qmodules.set_quantized_weight(layer, _unpacked(codes, bits, config.shapes[name]), scale, zp, bits, axis,
+                                          gs)
             keys = ("weight", "weight_scale", "weight_zero_point")
         for key in keys:
             state_dict[_prefix(name) + key] = layer._buffers.get(key, layer._parameters.get(key)).detach()
+        for alias in config.tied.get(name, []):  # the same Parameter: it already holds the quantized values
+            state_dict[_prefix(alias) + "weight"] = layer.weight.detach()
+    owned = set(state_dict)
+    shadow = next((k for k in tensors if k in owned), None)
+    if shadow is not None:  # a float copy would overwrite the quantized weight (or a tied alias of it)
+        raise _bad(path, f"tensor {shadow!r} belongs to a quantized layer and must not be stored as a float tensor")
     qmodules.attach_activations(work, inputs, outputs)
     expected = work.state_dict()
     for key, value in tensors.items():

@@ -35,21 +35,23 @@ class AdaRound(nn.Module):
 
     Args:
         weight: the float weight.
-        scale, zero_point: ``[C]`` or ``[1]`` quantization parameters along ``ch_axis``.
+        scale, zero_point: ``[C]`` or ``[1]`` quantization parameters along ``ch_axis``,
+            or ``[C, G]`` group parameters with ``group_size``.
         bits: weight bit-width.
         ch_axis: weight axis of the output channels.
+        group_size: the group size of group parameters (None otherwise).
 
     ``mode`` selects the rounding used by :meth:`forward`: "soft" (learned,
     differentiable), "hard" (V >= 0) or "nearest" (round to nearest, for the
     baseline loss).
     """
 
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int, ch_axis: int) -> None:
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int, ch_axis: int,
+                 group_size: Optional[int] = None) -> None:
         super().__init__()
         w = weight.detach().float()
-        shape = qmodules.param_shape(w, ch_axis) if scale.numel() > 1 else (1,) * w.dim()
-        s = scale.detach().to(w.device, torch.float32).reshape(shape)
-        z = zero_point.detach().to(w.device, torch.float32).reshape(shape)
+        s = qmodules.expand_param(scale.detach(), w, ch_axis, group_size)
+        z = qmodules.expand_param(zero_point.detach(), w, ch_axis, group_size)
         ws = w / s
         floor = torch.floor(ws)
         frac = ws - floor
@@ -66,6 +68,7 @@ class AdaRound(nn.Module):
         self.scale_flat = scale.detach().reshape(-1).to(torch.float32)
         self.bits = int(bits)
         self.ch_axis = int(ch_axis)
+        self.group_size = None if group_size is None else int(group_size)
         self.mode = "soft"
         self._h: Optional[Tuple[torch.Tensor, int]] = None
 

@@ -71,10 +71,11 @@ class AsymmetricOptions:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
 
-def applied_spec(job: QuantJob, options: AsymmetricOptions) -> QuantizerSpec:
-    """The config's quantizer with the options' explicit ``clip``/``p`` overrides."""
+def applied_spec(job: QuantJob, options: AsymmetricOptions, name: Optional[str] = None) -> QuantizerSpec:
+    """The config's quantizer (of layer ``name``) with the options' explicit ``clip``/``p`` overrides."""
+    spec = job.spec if name is None else job.spec_for(name)
     changes = {k: v for k, v in (("clip", options.clip), ("p", options.p)) if v is not None}
-    return job.spec.replace(**changes) if changes else job.spec
+    return spec.replace(**changes) if changes else spec
 
 
 def quantize_weights_rtn(layer: nn.Module, bits: int, spec: QuantizerSpec, name: str) -> None:
@@ -82,8 +83,8 @@ def quantize_weights_rtn(layer: nn.Module, bits: int, spec: QuantizerSpec, name:
     ch = channel_axis(layer)
     w = layer.weight.detach()
     scale, zp = spec_qparams(w, bits, spec, ch_axis=ch, name=name)
-    codes = quantize_tensor(w, scale, zp, bits, ch_axis=ch)
-    qmodules.set_quantized_weight(layer, codes.to(w.device), scale, zp, bits, ch)
+    codes = quantize_tensor(w, scale, zp, bits, ch_axis=ch, group_size=spec.group_size)
+    qmodules.set_quantized_weight(layer, codes.to(w.device), scale, zp, bits, ch, spec.group_size)
 
 
 def quantize_asymmetric(model: nn.Module, job: QuantJob, options: AsymmetricOptions) -> MethodResult:
@@ -93,7 +94,7 @@ def quantize_asymmetric(model: nn.Module, job: QuantJob, options: AsymmetricOpti
         result.folded_bn = fold_bn_pairs(model)
     spec = applied_spec(job, options)
     for name, bits in job.bits.items():
-        quantize_weights_rtn(model.get_submodule(name), bits, spec, name)
+        quantize_weights_rtn(model.get_submodule(name), bits, applied_spec(job, options, name), name)
     if job.act_bits is not None:
         blocks = [u.name for u in build_units(model, job.bits, job.order) if u.kind == "block"]
         inputs, outputs = plan_activations(

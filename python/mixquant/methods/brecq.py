@@ -213,14 +213,16 @@ def _init_rounding(layer: nn.Module, bits: int, job: QuantJob, opts: BrecqOption
     ch = channel_axis(layer)
     w = layer.weight.detach()
     # BRECQ's initialisation: the config's grid, range by the clipping search at scale_p.
-    scale, zp = spec_qparams(w, bits, job.spec.replace(clip="mse", p=opts.scale_p), ch_axis=ch, name=name)
-    return adaround.AdaRound(w, scale.to(w.device), zp.to(w.device), bits, ch)
+    spec = job.spec_for(name).replace(clip="mse", p=opts.scale_p)
+    scale, zp = spec_qparams(w, bits, spec, ch_axis=ch, name=name)
+    return adaround.AdaRound(w, scale.to(w.device), zp.to(w.device), bits, ch, spec.group_size)
 
 
 def _finish_layer(layer: nn.Module, rounding: adaround.AdaRound, weight: nn.Parameter, mode: str) -> None:
     adaround.detach(layer, weight)
     codes = rounding.codes(mode)
-    qmodules.set_quantized_weight(layer, codes, rounding.scale_flat, rounding.zero_point, rounding.bits, rounding.ch_axis)
+    qmodules.set_quantized_weight(layer, codes, rounding.scale_flat, rounding.zero_point, rounding.bits,
+                                  rounding.ch_axis, rounding.group_size)
 
 
 def reconstruct_unit(
@@ -314,7 +316,7 @@ def _round_to_nearest(unit: Unit, model: nn.Module, job: QuantJob, opts: BrecqOp
         layer = model.get_submodule(name)
         rounding = _init_rounding(layer, job.bits[name], job, opts, name)
         qmodules.set_quantized_weight(layer, rounding.codes("nearest"), rounding.scale_flat, rounding.zero_point,
-                                      rounding.bits, rounding.ch_axis)
+                                      rounding.bits, rounding.ch_axis, rounding.group_size)
     nan = float("nan")
     return UnitRecord(unit.name, unit.kind, "weights", list(unit.layers), {n: job.bits[n] for n in unit.layers},
                       nan, nan, 0, 0.0, 0, None, note)

@@ -33,6 +33,8 @@ class QuantJob:
         calib_x, calib_y: calibration inputs ``[N, ...]`` (CPU) and labels ``[N]`` or None.
         seed: seed of every random draw.
         progress: show progress bars.
+        group_sizes: layer fqn → its group size where it differs from ``spec`` (the
+            budget rule chose the layout per layer); see :meth:`spec_for`.
     """
 
     bits: Dict[str, int]
@@ -43,6 +45,13 @@ class QuantJob:
     calib_y: Optional[torch.Tensor]
     seed: int = 0
     progress: bool = True
+    group_sizes: Dict[str, Optional[int]] = field(default_factory=dict)
+
+    def spec_for(self, name: str) -> QuantizerSpec:
+        """The weight quantizer of layer ``name``: :attr:`spec` with the layer's own group size."""
+        if name in self.group_sizes and self.group_sizes[name] != self.spec.group_size:
+            return self.spec.replace(group_size=self.group_sizes[name])
+        return self.spec
 
 
 @dataclass

@@ -5,9 +5,10 @@ mixquant does not swap layer classes. A quantized layer stays the same
 
 * ``weight`` holding the *dequantized* values ``(code - zero_point) * scale``
   (so the layer runs exactly as before, only with quantized weights);
-* buffers ``weight_scale`` (float32, ``[C]`` or ``[1]``) and
-  ``weight_zero_point`` (int32, same shape), and plain attributes
-  ``mixquant_bits`` and ``mixquant_ch_axis``;
+* buffers ``weight_scale`` (float32, ``[C]`` or ``[1]``, or ``[C, G]`` for a
+  group-wise quantizer) and ``weight_zero_point`` (int32, same shape), and
+  plain attributes ``mixquant_bits``, ``mixquant_ch_axis`` and
+  ``mixquant_group_size`` (None unless group-wise);
 * optionally a child ``input_quantizer`` (:class:`ActQuantizer`) applied to the
   layer's input by a forward pre-hook.
 
@@ -16,7 +17,10 @@ A module whose output is quantized (a residual block) gets a child
 
 Keeping names and classes means a quantized model has the same module tree as
 the float one, ``BitConfig.check_model`` still accepts it, and its
-``state_dict`` keys are the float model's plus the quantization buffers.
+``state_dict`` keys are the float model's plus the quantization buffers. A
+weight shared with other modules (tied) keeps its Parameter object, so they
+all see the quantized values; only the layer named in the config carries the
+buffers.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ __all__ = [
     "set_act_mode",
     "is_quantized_layer",
     "param_shape",
+    "expand_param",
 ]
 
 INPUT_QUANTIZER = "input_quantizer"
@@ -56,35 +61,52 @@ def param_shape(weight: torch.Tensor, ch_axis: int) -> Tuple[int, ...]:
     return tuple(shape)
 
 
-def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, ch_axis: int) -> torch.Tensor:
-    """Float32 weight ``(codes - zero_point) * scale`` with ``[C]``/``[1]`` parameters along ``ch_axis``.
+def expand_param(param: torch.Tensor, like: torch.Tensor, ch_axis: int,
+                 group_size: Optional[int] = None) -> torch.Tensor:
+    """``param`` (float32) in a shape that broadcasts over ``like``: ``[C]``/``[1]`` along
+    ``ch_axis``, or ``[C, G]`` group parameters expanded to ``like``'s full shape."""
+    p = param.to(device=like.device, dtype=torch.float32)
+    if group_size is None:
+        return p.reshape(param_shape(like, ch_axis) if p.numel() > 1 else (1,) * like.dim())
+    moved = like.movedim(ch_axis, 0).shape if like.dim() else (1,)
+    c, k = moved[0], math.prod(moved[1:])
+    full = p.reshape(c, -1).repeat_interleave(group_size, dim=1)[:, :k]
+    return full.reshape(moved).movedim(0, ch_axis)
+
+
+def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, ch_axis: int,
+                      group_size: Optional[int] = None) -> torch.Tensor:
+    """Float32 weight ``(codes - zero_point) * scale`` with ``[C]``/``[1]`` parameters along ``ch_axis``
+    (or ``[C, G]`` group parameters, with ``group_size``).
 
     This one formula produces every stored quantized weight, at quantization
     time and when a file is loaded, which is what makes export → load
     bit-exact. It equals :func:`mixquant.dequantize_tensor`'s reference path.
     """
-    shape = param_shape(codes, ch_axis) if scale.numel() > 1 else (1,) * codes.dim()
-    s = scale.to(device=codes.device, dtype=torch.float32).reshape(shape)
-    z = zero_point.to(device=codes.device, dtype=torch.float32).reshape(shape)
+    s = expand_param(scale, codes, ch_axis, group_size)
+    z = expand_param(zero_point, codes, ch_axis, group_size)
     return (codes.to(torch.float32) - z) * s
 
 
 def set_quantized_weight(
-    layer: nn.Module, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int, ch_axis: int
+    layer: nn.Module, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int, ch_axis: int,
+    group_size: Optional[int] = None,
 ) -> None:
     """Store quantized weights on ``layer``: dequantized ``weight`` plus its scale, zero point and bits.
 
     The ``weight`` Parameter object is kept (its data is replaced), so
-    optimizers or tied references to it stay valid.
+    optimizers or tied references to it stay valid. Group parameters
+    (``group_size``) are stored as ``[C, G]``.
     """
     weight = layer.weight
     if tuple(codes.shape) != tuple(weight.shape):
         raise ValueError(f"codes have shape {tuple(codes.shape)}, the weight {tuple(weight.shape)}")
-    w_hat = dequantize_weight(codes, scale, zero_point, ch_axis)
+    w_hat = dequantize_weight(codes, scale, zero_point, ch_axis, group_size)
     with torch.no_grad():
         weight.data = w_hat.to(device=weight.device, dtype=weight.dtype)
-    scale = scale.detach().to(device=weight.device, dtype=torch.float32).reshape(-1).clone()
-    zero_point = zero_point.detach().to(device=weight.device, dtype=torch.int32).reshape(-1).clone()
+    shape = (-1,) if group_size is None else (weight.shape[ch_axis] if weight.dim() else 1, -1)
+    scale = scale.detach().to(device=weight.device, dtype=torch.float32).reshape(shape).clone()
+    zero_point = zero_point.detach().to(device=weight.device, dtype=torch.int32).reshape(shape).clone()
     for name, value in (("weight_scale", scale), ("weight_zero_point", zero_point)):
         if name in layer._buffers:
             layer._buffers[name] = value
@@ -92,6 +114,7 @@ def set_quantized_weight(
             layer.register_buffer(name, value)
     layer.mixquant_bits = int(bits)
     layer.mixquant_ch_axis = int(ch_axis)
+    layer.mixquant_group_size = None if group_size is None else int(group_size)
 
 
 def grid_codes(layer: nn.Module) -> Optional[torch.Tensor]:
@@ -107,11 +130,12 @@ def grid_codes(layer: nn.Module) -> Optional[torch.Tensor]:
     weight = layer.weight.detach()
     scale, zp = layer.weight_scale.detach().cpu(), layer.weight_zero_point.detach().cpu()
     bits, axis = layer.mixquant_bits, layer.mixquant_ch_axis
+    gs = getattr(layer, "mixquant_group_size", None)
     stored = weight.cpu()
-    codes = quantize_tensor(stored.float(), scale, zp, bits, ch_axis=axis).to(torch.int64)
+    codes = quantize_tensor(stored.float(), scale, zp, bits, ch_axis=axis, group_size=gs).to(torch.int64)
 
     def fits(c: torch.Tensor) -> torch.Tensor:
-        return dequantize_weight(c, scale, zp, axis).to(stored.dtype) == stored
+        return dequantize_weight(c, scale, zp, axis, gs).to(stored.dtype) == stored
 
     ok = fits(codes)
     if bool(ok.all()):
