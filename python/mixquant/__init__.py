@@ -45,6 +45,7 @@ from .methods.blocks import register_block
 from .methods.brecq import BrecqOptions, BrecqReport
 from .nn.fold import fold_bn
 from .nn.layers import channel_axis, find_layers, register_quantizable
+from .parallel import RankFailure
 
 __version__ = "0.1.0"
 
@@ -55,6 +56,7 @@ __all__ = [
     "BrecqReport",
     "ExportInfo",
     "QuantInfo",
+    "RankFailure",
     "export",
     "export_onnx",
     "OnnxExportInfo",
