@@ -44,13 +44,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
+def _inputs(args: argparse.Namespace):
+    """The model, config, calibration data, ONNX example input and method options the arguments name."""
     from ..allocation.bitconfig import BitConfig
-    from ..api.quantize import quant_info, quantize
-    from ..io.export import export
-    from ..io.files import check_destination
 
-    check_destination(args.out, args.overwrite)  # before the work, not after it
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError("--threads must be >= 1")
@@ -92,17 +89,33 @@ def run(args: argparse.Namespace) -> int:
                  if getattr(args, n) is not None]
         if given:
             raise ValueError(f"{', '.join(given)} only apply to --method brecq")
+    return model, config, calib, example, options
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..api.quantize import quant_info, quantize
+    from ..io.export import export
+    from ..io.files import check_destination
+    from .ranks import join, on_every, on_main
+
+    w = join()  # under torchrun: BRECQ's ranks share the calibration data; rank 0 writes
+    on_main(w, lambda: check_destination(args.out, args.overwrite), "checking --out")  # before the work
+    model, config, calib, example, options = on_every(w, lambda: _inputs(args), "reading the inputs")
     qmodel = quantize(model, config, args.method, calib_data=calib, act_bits=args.act_bits,
-                      per_channel=args.per_channel, seed=args.seed, progress=True, **options)
+                      per_channel=args.per_channel, seed=args.seed, progress=w.is_main, **options)
     if args.format == "onnx":
         from ..io.onnx_export import export_onnx
 
-        onnx_info = export_onnx(qmodel, args.out, example, overwrite=args.overwrite)  # atomic as well
-        print(quant_info(qmodel))
-        print(onnx_info.table())
+        # atomic as well
+        onnx_info = on_main(w, lambda: export_onnx(qmodel, args.out, example, overwrite=args.overwrite),
+                            "writing --out")
+        if w.is_main:
+            print(quant_info(qmodel))
+            print(onnx_info.table())
         return 0
-    info = export(qmodel, args.out, overwrite=args.overwrite)  # atomic: temporary file + rename
-    print(quant_info(qmodel))
-    print(f"wrote {args.out} ({info.file_bytes} bytes: {info.quantized_bytes} of packed weights, scales and "
-          f"zero points, {info.float_bytes} of other float tensors)")
+    info = on_main(w, lambda: export(qmodel, args.out, overwrite=args.overwrite), "writing --out")  # atomic
+    if w.is_main:
+        print(quant_info(qmodel))
+        print(f"wrote {args.out} ({info.file_bytes} bytes: {info.quantized_bytes} of packed weights, scales and "
+              f"zero points, {info.float_bytes} of other float tensors)")
     return 0

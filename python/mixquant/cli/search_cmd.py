@@ -130,13 +130,15 @@ def run(args: argparse.Namespace) -> int:
     from ..api.checkpoint import search_checkpoint
     from ..api.search import search
     from ..io.files import check_destination
+    from .ranks import join, on_every, on_main
 
-    check_destination(args.out, args.overwrite)  # before the work, not after it
+    w = join()  # under torchrun: the ranks split a checkpoint's layers; rank 0 writes
+    on_main(w, lambda: check_destination(args.out, args.overwrite), "checking --out")  # before the work
     common = dict(
         qem=args.qem, ref_bits=args.ref_bits, qem_reference=args.qem_reference, avg_bits=args.avg_bits,
         max_bytes=args.max_bytes, bits_per_weight=args.bits_per_weight, objective=args.objective,
         per_channel=args.per_channel, symmetric=args.symmetric, clip=args.clip, group_size=args.group_size,
-        keep=parse_keep(args.keep), backend=args.backend, num_threads=args.threads, progress=True,
+        keep=parse_keep(args.keep), backend=args.backend, num_threads=args.threads, progress=w.is_main,
     )
     if is_checkpoint(args.model):
         if args.sensitivity not in (None, "weight") or args.calib:
@@ -147,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
         if args.embeddings:
             raise ValueError("--embeddings applies to a MODEL; a checkpoint's embeddings are included (use --exclude)")
         config = search_checkpoint(args.model, args.bits, include=args.include, exclude=args.exclude,
-                                   transposed=args.transposed, **common)
+                                   transposed=args.transposed, distributed=w.distributed, **common)
     else:
         if args.transposed:
             raise ValueError("--transposed applies to checkpoints; a MODEL's layers know their channel axis")
@@ -157,12 +159,16 @@ def run(args: argparse.Namespace) -> int:
             return (include is None or any(fnmatch.fnmatchcase(name, g) for g in include)) \
                 and not any(fnmatch.fnmatchcase(name, g) for g in exclude or ())
 
-        model = load_model(args.model, trust_file=args.trust_file)
-        calib = load_calib(args.calib, image_size=args.image_size, resize=args.resize) if args.calib else None
-        config = search(model, args.bits, filter_fn=selected, embeddings=args.embeddings, sensitivity=args.sensitivity,
-                        calib_data=calib, calib_samples=args.calib_samples, output_loss=args.output_loss,
-                        seed=args.seed, **common)
-    config.save(args.out, overwrite=args.overwrite)
-    print(config)
-    print(f"wrote {args.out}")
+        def model_search():
+            model = load_model(args.model, trust_file=args.trust_file)
+            calib = load_calib(args.calib, image_size=args.image_size, resize=args.resize) if args.calib else None
+            return search(model, args.bits, filter_fn=selected, embeddings=args.embeddings,
+                          sensitivity=args.sensitivity, calib_data=calib, calib_samples=args.calib_samples,
+                          output_loss=args.output_loss, seed=args.seed, **common)
+
+        config = on_every(w, model_search, "the search")  # not split: every rank searches the whole model
+    on_main(w, lambda: config.save(args.out, overwrite=args.overwrite), "writing --out")
+    if w.is_main:
+        print(config)
+        print(f"wrote {args.out}")
     return 0
