@@ -497,6 +497,8 @@ py::array unpack_bits(py::object packed_obj, int64_t bits, int64_t n) {
 
 }  // namespace
 
+void bind_rounding(py::module_& m);  // bindings_rounding.cpp
+
 PYBIND11_MODULE(_core, m) {
   m.doc() = "mixquant native core: fused quantization-error kernels with SIMD dispatch";
   mixquant::init_simd_from_env();
@@ -543,4 +545,5 @@ PYBIND11_MODULE(_core, m) {
         "Pack 1-D uint8/uint16 codes into an LSB-first bit stream (uint8[ceil(n*bits/8)]).");
   m.def("unpack_bits", &unpack_bits, "packed"_a, "bits"_a, "n"_a,
         "Unpack n codes from an LSB-first bit stream (uint8 if bits <= 8, else uint16).");
+  bind_rounding(m);
 }

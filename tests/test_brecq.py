@@ -15,6 +15,7 @@ from mixquant.methods.adaround import GAMMA, ZETA, AdaRound, LinearTempDecay
 from mixquant.nn.qmodules import ActQuantizer
 from mixquant.api.quantize import quantize
 from mixquant.nn.fold import fold_bn
+from mixquant.methods.cache import rec_loss
 
 # Small blocks are overhead-bound: one thread is fastest, and on a shared machine much faster.
 FAST = {"num_threads": 1, "progress": False, "batch_size": 16}
@@ -305,3 +306,76 @@ def test_cache_limit_holds_the_process_peak():
     r = peaks["refused"]
     assert "max_cache_mb=110" in r["error"] and "unit a needs 118.8 MB" in r["error"], r
     assert r["extra_peak"] < 0.1 * r["limit"], r
+
+
+# -- the fused step against a straightforward iteration --------------------------------
+
+
+def _unit_setup(seed: int = 0):
+    from mixquant.methods.adaround import attach
+    from mixquant.methods.cache import UnitData, capture_inputs, capture_targets, probe_unit
+
+    folded = fold_bn(tiny_resnet(seed)).eval()
+    folded.requires_grad_(False)
+    x = images(48)
+    block = folded.get_submodule("layer1.1")  # a BasicBlock with a downsampling 1x1 convolution
+    cpu = torch.device("cpu")
+    shape = probe_unit(folded, block, x, 16, cpu)
+    data = UnitData(capture_inputs(folded, block, x, 16, cpu, shape), *capture_targets(folded, block, x, 16, cpu, shape))
+    roundings = []
+    for name in ("conv1", "conv2", "downsample.0"):
+        layer = block.get_submodule(name)
+        w = layer.weight.detach()
+        s = w.abs().amax(dim=(1, 2, 3)) / 1.5
+        r = AdaRound(w, s, torch.full((w.shape[0],), 2, dtype=torch.int32), 2, 0)
+        attach(layer, r)
+        roundings.append(r)
+    return block, data, roundings
+
+
+def _straightforward_step(block, data, roundings, opts, generator):
+    """One BRECQ iteration as autograd and torch.optim.Adam compute it: the reference for make_step."""
+    opt = torch.optim.Adam([r.V for r in roundings], lr=opts.lr)
+    sched = LinearTempDecay(opts.iters, opts.warmup, *opts.beta_range)
+
+    def step(it):
+        idx = torch.randperm(len(data), generator=generator)[: opts.batch_size]
+        x, y, w = data.batch(idx)
+        rec = loss = rec_loss(block(x), y, w, data.channel_dim)
+        if not sched.in_warmup(it):
+            loss = loss + opts.rounding_weight * sum(r.regularizer(sched(it)) for r in roundings)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return rec.detach()
+
+    return step
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+def test_fused_step_equals_straightforward_iteration(backend):
+    from mixquant.methods.brecq import BrecqOptions, make_step
+
+    opts = BrecqOptions(iters=40, batch_size=16, lr=2e-2, warmup=0.25, rounding_weight=0.05)
+    b1, d1, r1 = _unit_setup()
+    b2, d2, r2 = _unit_setup()
+    for r in r1 + r2:
+        r.mode = "soft"
+    plain = _straightforward_step(b1, d1, r1, opts, torch.Generator().manual_seed(5))
+    fused, state = make_step(b2, d2, r2, opts, torch.Generator().manual_seed(5), backend=backend)
+    losses = [(plain(it), fused(it)) for it in range(opts.iters)]  # warm-up, then the regulariser
+    state.finish()
+    codes = [(a.codes("hard"), b.codes("hard")) for a, b in zip(r1, r2)]
+    if backend == "reference":  # the same operations: bit for bit
+        assert all(torch.equal(a, b) for a, b in losses)
+        assert all(torch.equal(a.V, b.V) for a, b in zip(r1, r2))
+        assert all(torch.equal(a, b) for a, b in codes)
+    else:  # polynomial sigmoid and power: within float rounding
+        for a, b in losses:
+            assert float(abs(a - b)) <= 1e-4 * float(a) + 1e-7
+        for a, b in zip(r1, r2):
+            torch.testing.assert_close(b.V, a.V, rtol=1e-4, atol=1e-4)
+        same = sum(int((a == b).sum()) for a, b in codes) / sum(a.numel() for a, _ in codes)
+        assert same >= 0.995
+    moved = sum(int((r.codes("hard") != r.codes("nearest")).sum()) for r in r2)
+    assert moved > 0  # the step did change roundings (the comparison is not vacuous)

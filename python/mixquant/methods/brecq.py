@@ -292,31 +292,30 @@ def reconstruct_unit(
 
 def make_step(
     module: nn.Module, data: UnitData, roundings: List[adaround.AdaRound], opts: BrecqOptions,
-    generator: torch.Generator,
-) -> Callable[[int], Tuple[torch.Tensor, torch.Tensor]]:
-    """One AdaRound iteration as a function ``step(it) -> (reconstruction loss, total loss)``.
+    generator: torch.Generator, backend: Optional[str] = None,
+) -> Tuple[Callable[[int], torch.Tensor], adaround.UnitRounding]:
+    """One AdaRound iteration as a function ``step(it) -> reconstruction loss``, and the unit's rounding state.
 
     A random batch of ``opts.batch_size`` cached samples, the unit's forward
-    with soft-rounded weights, the loss (plus the annealed regulariser after
-    the warm-up), and an Adam step on the rounding variables.
+    with soft-rounded weights, the loss's backward pass, then the fused step
+    (the regulariser, annealed, enters after the warm-up). Call
+    ``state.finish()`` when done.
     """
-    opt = torch.optim.Adam([r.V for r in roundings], lr=opts.lr)
+    state = adaround.UnitRounding(roundings, lr=opts.lr, backend=backend)
     sched = adaround.LinearTempDecay(opts.iters, opts.warmup, *opts.beta_range)
     n, device = len(data), data.x.device
+    lam = opts.rounding_weight
 
-    def step(it: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    def step(it: int) -> torch.Tensor:
         idx = torch.randperm(n, generator=generator)[: opts.batch_size].to(device)
         x, y, w = data.batch(idx)
-        rec = loss = rec_loss(module(x), y, w, data.channel_dim)
-        if not sched.in_warmup(it) and opts.rounding_weight > 0:
-            beta = sched(it)
-            loss = loss + opts.rounding_weight * sum(r.regularizer(beta) for r in roundings)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return rec, loss
+        rec = rec_loss(module(x), y, w, data.channel_dim)
+        rec.backward()
+        warm = sched.in_warmup(it) or lam == 0
+        state.step(0.0 if warm else lam, sched(it))
+        return rec.detach()
 
-    return step
+    return step, state
 
 
 def refresh_every(iters: int) -> int:
@@ -334,7 +333,7 @@ def _optimise(
     the soft rounding averaged over the batches since its last update, beside
     ``start``, the table's "loss before" of round-to-nearest.
     """
-    step = make_step(unit.module, data, roundings, opts, generator)
+    step, state = make_step(unit.module, data, roundings, opts, generator)
     bar = tqdm(total=opts.iters, desc=f"{unit.name or '<model>'} ({unit.kind})", disable=not progress, leave=False)
     every = refresh_every(opts.iters)
     start = time.perf_counter()
@@ -343,7 +342,7 @@ def _optimise(
     try:
         for it in range(opts.iters):
             t_it = time.perf_counter()
-            rec, _ = step(it)
+            rec = step(it)
             times.append(time.perf_counter() - t_it)
             if progress:
                 acc, count = acc + float(rec), count + 1
@@ -353,6 +352,7 @@ def _optimise(
             bar.update(1)
     finally:
         bar.close()
+        state.finish()
     times.sort()
     return time.perf_counter() - start, times[len(times) // 2]
 
