@@ -7,10 +7,10 @@ rounding update) is timed three ways, alternately iteration by iteration in
 the same run, on folded weights and random inputs:
 
 * ``mixquant``: :func:`mixquant.methods.brecq.make_step`, the fused native
-  rounding step behind ``quantize(..., "brecq")``;
+  rounding step behind ``quantize(..., "brecq")``, on its channels-last cache;
 * ``autograd``: the same iteration as mixquant ran it before the fused step
   (AdaRound modules differentiated by autograd, the regulariser as a loss
-  term, ``torch.optim.Adam``);
+  term, ``torch.optim.Adam``, the cache in the NCHW layout);
 * ``reference-style``: the loop of BRECQ's public code (the soft weight
   recomputed from the float weight each iteration, ``floor(w / s)``
   included, the regulariser as a loss term, ``torch.optim.Adam``).
@@ -158,11 +158,13 @@ def unit_data(folded: nn.Module, unit_name: str, x: torch.Tensor, batch: int) ->
 
 
 def time_unit(folded: nn.Module, unit, data: UnitData, bits: int, batch: int, iters: int) -> Dict[str, float]:
+    # mixquant gets its own cache (channels-last for 4-D); the other loops the plain NCHW layout they used
+    plain = UnitData(data.x.contiguous(), data.y.contiguous(), None, data.channel_dim)
     steps = {}
     for name, make in IMPLS.items():
         mod = copy.deepcopy(unit.module)
         mod.requires_grad_(False)
-        steps[name] = make(mod, unit.layers, unit.name, data, bits, batch)
+        steps[name] = make(mod, unit.layers, unit.name, data if name == "mixquant" else plain, bits, batch)
     for _ in range(3):  # warm-up (first calls allocate and pick kernels)
         for f in steps.values():
             f()

@@ -379,3 +379,15 @@ def test_fused_step_equals_straightforward_iteration(backend):
         assert same >= 0.995
     moved = sum(int((r.codes("hard") != r.codes("nearest")).sum()) for r in r2)
     assert moved > 0  # the step did change roundings (the comparison is not vacuous)
+
+
+def test_weight_phase_does_not_depend_on_act_bits():
+    # The activation phase runs after the weight phase: the same seed gives the same weights
+    # with and without act_bits (benchmarks/brecq_study.py reads both results off one run).
+    model = tiny_resnet()
+    cfg = mixquant.uniform(model, 3, errors=False)
+    opts = dict(calib_data=images(32), iters=25, seed=4, **FAST)
+    plain = quantize(model, cfg, "brecq", **opts)
+    acts = quantize(model, cfg, "brecq", act_bits=4, act_iters=10, **opts)
+    for name in cfg.bits:
+        assert torch.equal(plain.get_submodule(name).weight, acts.get_submodule(name).weight)

@@ -12,7 +12,11 @@ Pipeline (Li et al., ICLR 2021), with each layer at the bit-width the
    AdaRound variables of all the unit's layers together on
    ``reconstruction loss + rounding_weight * regulariser`` (regulariser off
    for the first ``warmup`` of the iterations, then ``beta`` annealed from
-   ``beta_range[0]`` to ``beta_range[1]``); round hard and store the weights.
+   ``beta_range[0]`` to ``beta_range[1]``), the loss reduced as in BRECQ's
+   code (:func:`~.cache.rec_loss`: summed over channels, averaged over samples
+   and positions, which is what ``rounding_weight=0.01`` is tuned for); round
+   hard, keep round-to-nearest instead when it is better on the calibration
+   loss (``never_worse``), and store the weights.
 4. With ``act_bits``: attach activation quantizers (every quantized layer's
    input, every block's output), set their ranges by min/max over the
    calibration data, then learn their step sizes unit by unit (:mod:`.lsq`).
@@ -24,8 +28,11 @@ defaults (1,024 samples) on 224x224 ImageNet input, a ResNet-18 stage-1 block
 needs 1024 x (64x56x56 + 64x56x56) x 4 B ≈ 1.6 GB and the stem convolution,
 the largest unit, 1024 x (3x224x224 + 64x112x112) x 4 B ≈ 3.9 GB; on 32x32
 CIFAR input a ResNet-20 needs at most 1024 x 2 x 16x32x32 x 4 B = 128 MB. The
-largest cache of a run is reported (``peak_cache_bytes``) and bounded by
-``max_cache_mb`` (4096 by default); only one unit's cache exists at a time.
+largest cache of a run is reported (``peak_cache_bytes``). ``max_cache_mb``
+(4096 by default) bounds the cache plus one optimisation step's working set
+(measured on the first batch), and is checked before the cache is allocated;
+the cache is allocated once and filled in place, and only one unit's cache
+exists at a time, so the process's extra peak stays close to the limit.
 """
 
 from __future__ import annotations
