@@ -4,7 +4,9 @@ For every reconstruction unit of the zoo's ResNet-20 (Fashion-MNIST shapes,
 1x28x28 input), the MNIST digit CNN (1x28x28) and MobileNetV2 (3x224x224),
 one AdaRound iteration (a batch of cached samples, forward, loss, backward,
 rounding update) is timed three ways, alternately iteration by iteration in
-the same run, on folded weights and random inputs:
+the same run, on folded weights and random inputs (a fourth column, the
+*floor*, is the unit's forward and backward pass alone: what no rounding
+implementation can go below):
 
 * ``mixquant``: :func:`mixquant.methods.brecq.make_step`, the fused native
   rounding step behind ``quantize(..., "brecq")``, on its channels-last cache;
@@ -146,7 +148,27 @@ def reference_style(unit: nn.Module, names: List[str], prefix: str, data: UnitDa
     return step
 
 
-IMPLS = {"mixquant": ours, "autograd": autograd_step, "reference-style": reference_style}
+def floor_step(unit: nn.Module, names: List[str], prefix: str, data: UnitData, bits: int,
+               batch: int) -> Callable[[], None]:
+    """No rounding at all: the batch, the unit's forward and backward for plain float weights (the floor)."""
+    ws = []
+    for name in names:
+        layer = unit.get_submodule(name[len(prefix) + 1:]) if name != prefix else unit
+        layer.weight.requires_grad_(True)
+        ws.append(layer.weight)
+    gen = torch.Generator().manual_seed(0)
+
+    def step() -> None:
+        idx = torch.randperm(len(data), generator=gen)[:batch]
+        x, y, w = data.batch(idx)
+        for p in ws:
+            p.grad = None
+        rec_loss(unit(x), y, w, data.channel_dim).backward()
+
+    return step
+
+
+IMPLS = {"mixquant": ours, "autograd": autograd_step, "reference-style": reference_style, "floor": floor_step}
 
 
 def unit_data(folded: nn.Module, unit_name: str, x: torch.Tensor, batch: int) -> UnitData:
@@ -164,7 +186,7 @@ def time_unit(folded: nn.Module, unit, data: UnitData, bits: int, batch: int, it
     for name, make in IMPLS.items():
         mod = copy.deepcopy(unit.module)
         mod.requires_grad_(False)
-        steps[name] = make(mod, unit.layers, unit.name, data if name == "mixquant" else plain, bits, batch)
+        steps[name] = make(mod, unit.layers, unit.name, data if name in ("mixquant", "floor") else plain, bits, batch)
     for _ in range(3):  # warm-up (first calls allocate and pick kernels)
         for f in steps.values():
             f()
@@ -218,11 +240,12 @@ def ms(v: float) -> str:
 def report(rows: List[dict], threads: int, estimate_iters: int) -> str:
     out = [f"### {threads} thread(s)", ""]
     out.append(table(rows, ["model", "unit", "kind", "weights", "mixquant ms", "autograd ms", "reference-style ms",
-                            "vs autograd", "vs reference-style"],
+                            "floor ms", "vs autograd", "vs reference-style", "mixquant / floor"],
                      lambda r: [r["model"], r["unit"] or "<model>", r["kind"], str(r["weights"]), ms(r["mixquant_s"]),
-                                ms(r["autograd_s"]), ms(r["reference-style_s"]),
+                                ms(r["autograd_s"]), ms(r["reference-style_s"]), ms(r["floor_s"]),
                                 f"{r['autograd_s'] / r['mixquant_s']:.2f}x",
-                                f"{r['reference-style_s'] / r['mixquant_s']:.2f}x"]))
+                                f"{r['reference-style_s'] / r['mixquant_s']:.2f}x",
+                                f"{r['mixquant_s'] / r['floor_s']:.2f}"]))
     kinds = []
     for key in sorted({(r["model"], r["kind"]) for r in rows}):
         sel = [r for r in rows if (r["model"], r["kind"]) == key]
@@ -230,9 +253,9 @@ def report(rows: List[dict], threads: int, estimate_iters: int) -> str:
         kinds.append({"model": key[0], "kind": key[1], "units": len(sel), **med})
     out += ["", "Median over units of each kind:", ""]
     out.append(table(kinds, ["model", "kind", "units", "mixquant ms", "autograd ms", "reference-style ms",
-                             "vs autograd", "vs reference-style"],
+                             "floor ms", "vs autograd", "vs reference-style"],
                      lambda k: [k["model"], k["kind"], str(k["units"]), ms(k["mixquant"]), ms(k["autograd"]),
-                                ms(k["reference-style"]), f"{k['autograd'] / k['mixquant']:.2f}x",
+                                ms(k["reference-style"]), ms(k["floor"]), f"{k['autograd'] / k['mixquant']:.2f}x",
                                 f"{k['reference-style'] / k['mixquant']:.2f}x"]))
     models = []
     for m in dict.fromkeys(r["model"] for r in rows):
@@ -241,10 +264,11 @@ def report(rows: List[dict], threads: int, estimate_iters: int) -> str:
                                                           for k in IMPLS}})
     out += ["", f"Whole model, {estimate_iters} iterations per unit (sum of the units' medians; caching and "
             "evaluation excluded):", ""]
-    out.append(table(models, ["model", "units", "mixquant", "autograd", "reference-style", "vs autograd",
+    out.append(table(models, ["model", "units", "mixquant", "autograd", "reference-style", "floor", "vs autograd",
                               "vs reference-style"],
                      lambda k: [k["model"], str(k["units"]), f"{k['mixquant'] / 60:.1f} min",
                                 f"{k['autograd'] / 60:.1f} min", f"{k['reference-style'] / 60:.1f} min",
+                                f"{k['floor'] / 60:.1f} min",
                                 f"{k['autograd'] / k['mixquant']:.2f}x",
                                 f"{k['reference-style'] / k['mixquant']:.2f}x"]))
     return "\n".join(out)

@@ -391,3 +391,35 @@ def test_weight_phase_does_not_depend_on_act_bits():
     acts = quantize(model, cfg, "brecq", act_bits=4, act_iters=10, **opts)
     for name in cfg.bits:
         assert torch.equal(plain.get_submodule(name).weight, acts.get_submodule(name).weight)
+
+
+def test_channels_last_cache_and_fallback():
+    from mixquant.methods.cache import probe_unit
+
+    class Viewing(nn.Module):  # .view() refuses a channels-last input: the cache stays NCHW
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+            self.conv2 = nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            h = self.conv2(torch.relu(self.conv1(x)))
+            return (h.view(h.shape[0], -1) * 0.5).view(h.shape)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = Viewing()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(self.block(x).mean((2, 3)))
+
+    net = Net().eval()
+    x = images(16)
+    cpu = torch.device("cpu")
+    assert not probe_unit(net, net.block, x, 8, cpu).channels_last
+    folded = fold_bn(tiny_resnet()).eval()
+    assert probe_unit(folded, folded.layer1[0], x, 8, cpu).channels_last
+    q = quantize(net, mixquant.uniform(net, 4, errors=False), "brecq", calib_data=x, iters=5, **FAST)
+    assert [(r.unit, r.kind) for r in q.mixquant_report.records] == [("block", "block"), ("fc", "layer")]
