@@ -32,7 +32,8 @@ class FlatRounding:
 
     ``V``, ``floor``, ``scale``, ``lo``, ``hi`` (the last three expanded to
     every element), the Adam moments ``exp_avg`` / ``exp_avg_sq`` and the
-    soft weights ``w`` are 1-D float32 CPU tensors of the same length;
+    soft weights ``w`` are 1-D float32 tensors of the same length and device
+    (off the CPU, every call takes the reference path);
     ``shapes[i]`` and ``offsets[i]`` place segment ``i``; ``params[i]`` holds
     its (scale, lo, hi) as given, for the reference path; ``steps`` counts the
     Adam updates made.
@@ -56,17 +57,19 @@ class FlatRounding:
               lo: Sequence[torch.Tensor], hi: Sequence[torch.Tensor]) -> "FlatRounding":
         """Concatenate per-tensor ``V`` and ``floor`` with ``scale``/``lo``/``hi`` broadcast to each ``V``.
 
-        ValueError when the lists differ in length, a tensor is not float32 on
-        the CPU, or ``floor``/``scale``/``lo``/``hi`` do not match ``V``'s shape.
+        ValueError when the lists differ in length, a tensor is not float32 or
+        not on ``V[0]``'s device, or ``floor``/``scale``/``lo``/``hi`` do not
+        match ``V``'s shape.
         """
         if not (len(V) == len(floor) == len(scale) == len(lo) == len(hi)) or not V:
             raise ValueError("V, floor, scale, lo and hi must be non-empty lists of the same length")
         flat = {k: [] for k in ("V", "floor", "scale", "lo", "hi")}
         shapes, offsets, params, off = [], [], [], 0
+        device = V[0].device if isinstance(V[0], torch.Tensor) else None
         for i, (v, f, s, a, b) in enumerate(zip(V, floor, scale, lo, hi)):
             for name, t in (("V", v), ("floor", f), ("scale", s), ("lo", a), ("hi", b)):
-                if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.device.type != "cpu":
-                    raise ValueError(f"{name}[{i}] must be a float32 CPU tensor")
+                if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.device != device:
+                    raise ValueError(f"{name}[{i}] must be a float32 tensor on {device}")
             if f.shape != v.shape:
                 raise ValueError(f"floor[{i}] has shape {tuple(f.shape)}, V[{i}] {tuple(v.shape)}")
             try:
@@ -81,8 +84,9 @@ class FlatRounding:
             off += v.numel()
         cat = {k: torch.cat(ts).contiguous() for k, ts in flat.items()}
         n = cat["V"].numel()
-        return cls(cat["V"], cat["floor"], cat["scale"], cat["lo"], cat["hi"], torch.zeros(n), torch.zeros(n),
-                   torch.empty(n), shapes, offsets, params)
+        z = dict(dtype=torch.float32, device=device)
+        return cls(cat["V"], cat["floor"], cat["scale"], cat["lo"], cat["hi"], torch.zeros(n, **z), torch.zeros(n, **z),
+                   torch.empty(n, **z), shapes, offsets, params)
 
     def segment(self, t: torch.Tensor, i: int) -> torch.Tensor:
         """Segment ``i`` of the flat tensor ``t`` as a view of its tensor's shape."""
@@ -97,9 +101,14 @@ def _np(t: torch.Tensor):
     return t.detach().numpy()
 
 
+def _native(state: FlatRounding, backend: Optional[str]) -> bool:
+    """The native kernels run on CPU buffers; any other device takes the reference path."""
+    return resolve_backend(backend) == "native" and state.V.device.type == "cpu"
+
+
 def rounding_weight(state: FlatRounding, *, backend: Optional[str] = None, num_threads: Optional[int] = None) -> None:
     """Write the soft-rounded weights of ``state.V`` into ``state.w``."""
-    if resolve_backend(backend) == "native":
+    if _native(state, backend):
         nt = resolve_threads(num_threads)
         native().rounding_weight(_np(state.V), _np(state.floor), _np(state.scale), _np(state.lo), _np(state.hi),
                                  _np(state.w), nt)
@@ -129,7 +138,7 @@ def rounding_step(
     if g.shape != state.V.shape or g.dtype != torch.float32:
         raise ValueError(f"grad_w must be float32 with {state.V.numel()} elements")
     state.steps += 1
-    if resolve_backend(backend) == "native":
+    if _native(state, backend):
         beta1, beta2 = betas
         t = float(state.steps)
         nt = resolve_threads(num_threads)
