@@ -317,7 +317,7 @@ def _unit_setup(seed: int = 0):
 
     folded = fold_bn(tiny_resnet(seed)).eval()
     folded.requires_grad_(False)
-    x = images(48)
+    x = images(32)
     block = folded.get_submodule("layer1.1")  # a BasicBlock with a downsampling 1x1 convolution
     cpu = torch.device("cpu")
     shape = probe_unit(folded, block, x, 16, cpu)
@@ -356,7 +356,7 @@ def _straightforward_step(block, data, roundings, opts, generator):
 def test_fused_step_equals_straightforward_iteration(backend):
     from mixquant.methods.brecq import BrecqOptions, make_step
 
-    opts = BrecqOptions(iters=40, batch_size=16, lr=2e-2, warmup=0.25, rounding_weight=0.05)
+    opts = BrecqOptions(iters=24, batch_size=16, lr=2e-2, warmup=0.25, rounding_weight=0.05)
     b1, d1, r1 = _unit_setup()
     b2, d2, r2 = _unit_setup()
     for r in r1 + r2:
