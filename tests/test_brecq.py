@@ -423,3 +423,32 @@ def test_channels_last_cache_and_fallback():
     assert probe_unit(folded, folded.layer1[0], x, 8, cpu).channels_last
     q = quantize(net, mixquant.uniform(net, 4, errors=False), "brecq", calib_data=x, iters=5, **FAST)
     assert [(r.unit, r.kind) for r in q.mixquant_report.records] == [("block", "block"), ("fc", "layer")]
+
+
+def test_cache_holds_every_sample_in_order_and_counts_the_step():
+    from mixquant.methods.cache import CacheShape, capture_inputs, capture_targets, check_cache_size, probe_unit
+
+    folded = fold_bn(tiny_resnet()).eval()
+    block = folded.layer1[1]
+    x = images(40)  # 40 = 2 full batches of 16 and a partial one
+    xs, ys = [], []
+    h = block.register_forward_hook(lambda m, a, o: (xs.append(a[0].detach()), ys.append(o.detach())))
+    with torch.no_grad():
+        for i in range(0, 40, 16):  # the same batches as the capture
+            folded(x[i:i + 16])
+    h.remove()
+    seen = {"x": torch.cat(xs), "y": torch.cat(ys)}
+    cpu = torch.device("cpu")
+    shape = probe_unit(folded, block, x, 16, cpu, fisher=False)
+    assert shape.inp == tuple(seen["x"].shape[1:]) and shape.out == tuple(seen["y"].shape[1:])
+    inp = capture_inputs(folded, block, x, 16, cpu, shape)
+    out, w = capture_targets(folded, block, x, 16, cpu, shape)
+    assert w is None and torch.equal(inp, seen["x"]) and torch.equal(out, seen["y"])
+    # one step's working set scales with the batch, and counts toward the limit
+    assert probe_unit(folded, block, x, 8, cpu).step_bytes < shape.step_bytes
+    need = shape.nbytes(40, fisher=False)
+    assert need == 40 * (8 * 8 * 8 + 16 * 4 * 4) * 4
+    assert check_cache_size(shape, 40, False, need + shape.step_bytes, "u") == need
+    with pytest.raises(ValueError, match="for one optimisation step"):
+        check_cache_size(shape, 40, False, need + shape.step_bytes - 1, "u")
+    assert CacheShape((2,), (3,)).nbytes(10, fisher=True) == 10 * (2 + 3 * 2) * 4
