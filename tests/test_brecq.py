@@ -432,7 +432,12 @@ def test_cache_holds_every_sample_in_order_and_counts_the_step():
     block = folded.layer1[1]
     x = images(40)  # 40 = 2 full batches of 16 and a partial one
     xs, ys = [], []
-    h = block.register_forward_hook(lambda m, a, o: (xs.append(a[0].detach()), ys.append(o.detach())))
+
+    def keep(_m, args, out):
+        xs.append(args[0].detach())
+        ys.append(out.detach())
+
+    h = block.register_forward_hook(keep)
     with torch.no_grad():
         for i in range(0, 40, 16):  # the same batches as the capture
             folded(x[i:i + 16])
