@@ -1,26 +1,35 @@
-"""Benchmark of mixquant's BRECQ on CPU: reconstruction speed, scale initialisation, memory.
+"""Benchmark of BRECQ's reconstruction iteration on the CPU, unit by unit, with a whole-model estimate.
 
-For a ResNet-20-shaped network (CIFAR layout, 3x32x32 input) and a
-MobileNetV2-shaped network (width 0.5, CIFAR strides, 3x32x32 input), with
-random weights, random BN statistics and random calibration data:
+For every reconstruction unit of the zoo's ResNet-20 (Fashion-MNIST shapes,
+1x28x28 input), the MNIST digit CNN (1x28x28) and MobileNetV2 (3x224x224),
+one AdaRound iteration (a batch of cached samples, forward, loss, backward,
+rounding update) is timed three ways, alternately iteration by iteration in
+the same run, on folded weights and random inputs (a fourth column, the
+*floor*, is the unit's forward and backward pass alone: what no rounding
+implementation can go below):
 
-* seconds per AdaRound iteration for every block (the median over its
-  iterations), and the median over blocks;
-* the time of the clipping-range scale initialisation (``choose_qparams``,
-  ``clip="mse"``, ``p=2.4``, per channel) of all layers, native vs reference
-  backend, in the same run;
-* peak resident memory (``resource.getrusage``) and the largest reconstruction cache;
-* one reconstruction iteration of a residual block with mixquant's machinery
-  (:func:`mixquant.methods.brecq.make_step`) versus the same loop written with
-  plain torch ops (functional convolutions with the soft-quantized weights
-  computed inline, BRECQ-style), timed alternately iteration by iteration.
+* ``mixquant``: :func:`mixquant.methods.brecq.make_step`, the fused native
+  rounding step behind ``quantize(..., "brecq")``, on its channels-last cache;
+* ``autograd``: the same iteration as mixquant ran it before the fused step
+  (AdaRound modules differentiated by autograd, the regulariser as a loss
+  term, ``torch.optim.Adam``, the cache in the NCHW layout);
+* ``reference-style``: the loop of BRECQ's public code (the soft weight
+  recomputed from the float weight each iteration, ``floor(w / s)``
+  included, the regulariser as a loss term, ``torch.optim.Adam``).
+
+The regulariser is on in every timed iteration (no warm-up). Reported: the
+median seconds per iteration of each unit, ratios, the median per unit kind
+(BasicBlock, inverted residual, single layer) and, per model, the sum over
+its units times ``--estimate-iters`` (the whole reconstruction at that
+length, caching and evaluation excluded). Each thread count in ``--threads``
+is a separate pass. The load average is printed beside the figures: on a
+shared machine the ratios (measured in the same run) are more telling than
+the absolute times.
 
 Usage::
 
-    python benchmarks/bench_brecq.py [--iters 20] [--samples 64] [--threads 1] [--json out.json]
-
-Small blocks are overhead-bound, so the default is one torch thread (much
-faster on a shared machine; ``--threads 0`` keeps torch's default).
+    python benchmarks/bench_brecq.py [--models resnet20,mnist_digit,mobilenet_v2] [--threads 1,2]
+                                     [--iters 20] [--samples 64] [--batch 32] [--json out.json]
 """
 
 from __future__ import annotations
@@ -28,8 +37,8 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -37,167 +46,101 @@ from typing import Callable, Dict, List, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import mixquant
-from mixquant.nn.fold import fold_bn
+from mixquant import zoo
 from mixquant.methods import adaround
 from mixquant.methods.adaround import GAMMA, ZETA, AdaRound
+from mixquant.methods.blocks import build_units
 from mixquant.methods.brecq import BrecqOptions, make_step
-from mixquant.methods.cache import UnitData
-from mixquant.api.quantize import quantize
+from mixquant.methods.cache import UnitData, capture_inputs, capture_targets, probe_unit, rec_loss
+from mixquant.methods.common import execution_order
+from mixquant.nn.fold import fold_bn
 
-# --------------------------------------------------------------------------- networks
-
-
-class BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.downsample = None
-        if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        idt = x if self.downsample is None else self.downsample(x)
-        return torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))) + idt)
-
-
-class ResNet20(nn.Module):
-    def __init__(self, classes: int = 10) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(16)
-        layers, cin = [], 16
-        for i, c in enumerate((16, 32, 64)):
-            blocks = []
-            for j in range(3):
-                blocks.append(BasicBlock(cin, c, 2 if (j == 0 and i > 0) else 1))
-                cin = c
-            layers.append(nn.Sequential(*blocks))
-        self.layer1, self.layer2, self.layer3 = layers
-        self.fc = nn.Linear(64, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.bn1(self.conv1(x)))
-        x = self.layer3(self.layer2(self.layer1(x)))
-        return self.fc(x.mean((2, 3)))
-
-
-class InvertedResidual(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int, expand: int) -> None:
-        super().__init__()
-        hidden = cin * expand
-        self.use_res_connect = stride == 1 and cin == cout
-        layers: List[nn.Module] = []
-        if expand != 1:
-            layers += [nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6()]
-        layers += [nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(),
-                   nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout)]
-        self.conv = nn.Sequential(*layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.conv(x) if self.use_res_connect else self.conv(x)
-
-
-class MobileNetV2(nn.Module):
-    """MobileNetV2 layout (t, c, n, s) at width 0.5 with CIFAR strides."""
-
-    SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
-
-    def __init__(self, width: float = 0.5, classes: int = 10) -> None:
-        super().__init__()
-        ch = lambda c: max(8, int(c * width + 4) // 8 * 8)  # noqa: E731
-        cin = ch(32)
-        feats: List[nn.Module] = [nn.Sequential(nn.Conv2d(3, cin, 3, 1, 1, bias=False), nn.BatchNorm2d(cin), nn.ReLU6())]
-        for t, c, n, s in self.SETTINGS:
-            for i in range(n):
-                feats.append(InvertedResidual(cin, ch(c), s if i == 0 else 1, t))
-                cin = ch(c)
-        last = 1280 if width <= 1 else ch(1280)
-        feats.append(nn.Sequential(nn.Conv2d(cin, last, 1, bias=False), nn.BatchNorm2d(last), nn.ReLU6()))
-        self.features = nn.Sequential(*feats)
-        self.classifier = nn.Linear(last, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x).mean((2, 3)))
-
-
-def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            n = m.num_features
-            m.running_mean.copy_(torch.rand(n, generator=g) * 0.2 - 0.1)
-            m.running_var.copy_(torch.rand(n, generator=g) * 0.5 + 0.75)
-    return model.eval()
-
-
-# --------------------------------------------------------------------------- plain torch loop
-
-
-def _soft_weight_inline(w: torch.Tensor, s: torch.Tensor, zp: torch.Tensor, qmax: float, V: torch.Tensor) -> torch.Tensor:
-    """BRECQ-style AdaRound weight, recomputed from scratch every iteration."""
-    w_floor = torch.floor(w / s)
-    h = torch.clamp(torch.sigmoid(V) * (ZETA - GAMMA) + GAMMA, 0, 1)
-    return (torch.clamp(w_floor + h + zp, 0, qmax) - zp) * s
-
-
-def _plain_forward_basic(block: BasicBlock, ws: Dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    c1, c2 = block.conv1, block.conv2
-    out = torch.relu(F.conv2d(x, ws["conv1"], c1.bias, c1.stride, c1.padding))
-    out = F.conv2d(out, ws["conv2"], c2.bias, c2.stride, c2.padding)
-    if block.downsample is not None:
-        d = block.downsample[0]
-        x = F.conv2d(x, ws["downsample.0"], d.bias, d.stride, d.padding)
-    return torch.relu(out + x)
-
-
-def _plain_forward_inverted(block: InvertedResidual, ws: Dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    h = x
-    for name, m in block.conv.named_children():
-        if isinstance(m, nn.Conv2d):
-            h = F.conv2d(h, ws[f"conv.{name}"], m.bias, m.stride, m.padding, m.dilation, m.groups)
-        elif isinstance(m, nn.ReLU6):
-            h = F.hardtanh(h, 0.0, 6.0)
-    return x + h if block.use_res_connect else h
-
-
-def _loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return (pred - target).square().reshape(pred.shape[0], -1).sum(1).mean()
+MODELS: Dict[str, Tuple[Callable[[], nn.Module], Tuple[int, ...]]] = {
+    "resnet20": (zoo.resnet20, (1, 28, 28)),
+    "mnist_digit": (zoo.mnist_cnn_digit, (1, 28, 28)),
+    "mobilenet_v2": (zoo.mobilenet_v2, (3, 224, 224)),
+}
+LAMBDA, BETA, LR = 0.01, 10.0, 1e-3
 
 
 def _qparams(layer: nn.Module, bits: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    return mixquant.choose_qparams(layer.weight.detach(), bits, per_channel=True, clip="mse", p=2.4)
+    return mixquant.choose_qparams(layer.weight.detach(), bits, per_channel=True, clip="mse", p=2.4,
+                                   ch_axis=mixquant.channel_axis(layer))
 
 
-def plain_step(block: nn.Module, forward: Callable, data: UnitData, bits: int, batch: int) -> Callable[[], None]:
-    """One iteration of a hand-written AdaRound loop over ``block`` (plain torch ops)."""
-    layers = {n: m for n, m in block.named_modules() if isinstance(m, nn.Conv2d)}
-    qmax = float(2**bits - 1)
-    state = {}
-    for name, m in layers.items():
-        s, z = _qparams(m, bits)
-        s, z = s.reshape(-1, 1, 1, 1), z.float().reshape(-1, 1, 1, 1)
-        w = m.weight.detach()
-        frac = w / s - torch.floor(w / s)
-        p = (frac - GAMMA) / (ZETA - GAMMA)
-        state[name] = (w, s, z, torch.log(p / (1 - p)).requires_grad_(True))
-    opt = torch.optim.Adam([v[3] for v in state.values()], lr=1e-3)
+def _roundings(unit: nn.Module, names: List[str], prefix: str, bits: int) -> Dict[str, AdaRound]:
+    out = {}
+    for name in names:
+        layer = unit.get_submodule(name[len(prefix) + 1:]) if name != prefix else unit
+        s, z = _qparams(layer, bits)
+        r = AdaRound(layer.weight.detach(), s, z, bits, mixquant.channel_axis(layer))
+        adaround.attach(layer, r)
+        out[name] = r
+    return out
+
+
+def ours(unit: nn.Module, names: List[str], prefix: str, data: UnitData, bits: int, batch: int) -> Callable[[], None]:
+    """mixquant's iteration (make_step, native fused rounding step)."""
+    rs = _roundings(unit, names, prefix, bits)
+    opts = BrecqOptions(iters=10**6, batch_size=batch, warmup=0.0, lr=LR, rounding_weight=LAMBDA,
+                        beta_range=(BETA, BETA))
+    step, _ = make_step(unit, data, list(rs.values()), opts, torch.Generator().manual_seed(0))
+    counter = iter(range(10**9))
+    return lambda: step(next(counter))
+
+
+def autograd_step(unit: nn.Module, names: List[str], prefix: str, data: UnitData, bits: int,
+                  batch: int) -> Callable[[], None]:
+    """The previous iteration: AdaRound modules under autograd, regulariser in the loss, torch.optim.Adam."""
+    rs = list(_roundings(unit, names, prefix, bits).values())
+    opt = torch.optim.Adam([r.V for r in rs], lr=LR)
     gen = torch.Generator().manual_seed(0)
 
     def step() -> None:
         idx = torch.randperm(len(data), generator=gen)[:batch]
-        ws = {n: _soft_weight_inline(w, s, z, qmax, V) for n, (w, s, z, V) in state.items()}
-        loss = _loss(forward(block, ws, data.x[idx]), data.y[idx])
+        x, y, w = data.batch(idx)
+        loss = rec_loss(unit(x), y, w, data.channel_dim) + LAMBDA * sum(r.regularizer(BETA) for r in rs)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def reference_style(unit: nn.Module, names: List[str], prefix: str, data: UnitData, bits: int,
+                    batch: int) -> Callable[[], None]:
+    """BRECQ's public loop: the soft weight rebuilt from the float weight every iteration."""
+    alphas = []
+    qmax = float(2**bits - 1)
+    for name in names:
+        layer = unit.get_submodule(name[len(prefix) + 1:]) if name != prefix else unit
+        s, z = _qparams(layer, bits)
+        w = layer._parameters.pop("weight").detach()
+        shape = [1] * w.dim()
+        shape[mixquant.channel_axis(layer)] = -1
+        s, z = s.reshape(shape), z.float().reshape(shape)
+        frac = w / s - torch.floor(w / s)
+        alpha = torch.log((frac - GAMMA) / (ZETA - frac)).requires_grad_(True)
+        alphas.append(alpha)
+
+        def hook(m: nn.Module, _a: tuple, w=w, s=s, z=z, alpha=alpha) -> None:
+            h = torch.clamp(torch.sigmoid(alpha) * (ZETA - GAMMA) + GAMMA, 0, 1)
+            m.__dict__["weight"] = (torch.clamp(torch.floor(w / s) + h + z, 0, qmax) - z) * s
+
+        layer.register_forward_pre_hook(hook)
+    opt = torch.optim.Adam(alphas, lr=LR)
+    gen = torch.Generator().manual_seed(0)
+
+    def step() -> None:
+        idx = torch.randperm(len(data), generator=gen)[:batch]
+        x, y, w = data.batch(idx)
         reg = 0.0
-        for _, _, _, V in state.values():
-            h = torch.clamp(torch.sigmoid(V) * (ZETA - GAMMA) + GAMMA, 0, 1)
-            reg = reg + (1 - (2 * h - 1).abs().pow(10.0)).sum()
-        loss = loss + 0.01 * reg
+        for a in alphas:
+            h = torch.clamp(torch.sigmoid(a) * (ZETA - GAMMA) + GAMMA, 0, 1)
+            reg = reg + (1 - ((h - 0.5).abs() * 2).pow(BETA)).sum()
+        loss = rec_loss(unit(x), y, w, data.channel_dim) + LAMBDA * reg
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -205,160 +148,167 @@ def plain_step(block: nn.Module, forward: Callable, data: UnitData, bits: int, b
     return step
 
 
-def ours_step(block: nn.Module, data: UnitData, bits: int, batch: int, iters: int) -> Tuple[Callable[[], None], Callable[[], None]]:
-    """One iteration of mixquant's reconstruction (``make_step``) over ``block``, and an undo function."""
-    layers = {n: m for n, m in block.named_modules() if isinstance(m, nn.Conv2d)}
-    roundings, originals = [], {}
-    for name, m in layers.items():
-        s, z = _qparams(m, bits)
-        r = AdaRound(m.weight.detach(), s, z, bits, 0)
-        originals[name] = adaround.attach(m, r)
-        roundings.append(r)
-    # warmup=0 so every timed iteration includes the regulariser, as in the plain loop
-    step = make_step(block, data, roundings, BrecqOptions(iters=iters, batch_size=batch, warmup=0.0),
-                     torch.Generator().manual_seed(0))
-    counter = iter(range(10**9))
+def floor_step(unit: nn.Module, names: List[str], prefix: str, data: UnitData, bits: int,
+               batch: int) -> Callable[[], None]:
+    """No rounding at all: the batch, the unit's forward and backward for plain float weights (the floor)."""
+    ws = []
+    for name in names:
+        layer = unit.get_submodule(name[len(prefix) + 1:]) if name != prefix else unit
+        layer.weight.requires_grad_(True)
+        ws.append(layer.weight)
+    gen = torch.Generator().manual_seed(0)
 
-    def undo() -> None:
-        for name, m in layers.items():
-            adaround.detach(m, originals[name])
+    def step() -> None:
+        idx = torch.randperm(len(data), generator=gen)[:batch]
+        x, y, w = data.batch(idx)
+        for p in ws:
+            p.grad = None
+        rec_loss(unit(x), y, w, data.channel_dim).backward()
 
-    return (lambda: step(next(counter))), undo
+    return step
 
 
-def compare_iteration(block: nn.Module, plain_fwd: Callable, data: UnitData, bits: int, batch: int, iters: int) -> Tuple[float, float]:
-    """Median seconds per iteration, (mixquant, plain torch), timed alternately iteration by iteration."""
-    plain_block = copy.deepcopy(block)
-    plain = plain_step(plain_block, plain_fwd, data, bits, batch)
-    ours, undo = ours_step(block, data, bits, batch, iters)
-    t_ours, t_plain = [], []
-    try:
-        for _ in range(3):  # warm-up
-            ours()
-            plain()
-        for _ in range(iters):
+IMPLS = {"mixquant": ours, "autograd": autograd_step, "reference-style": reference_style, "floor": floor_step}
+
+
+def unit_data(folded: nn.Module, unit_name: str, x: torch.Tensor, batch: int) -> UnitData:
+    mod = folded.get_submodule(unit_name) if unit_name else folded
+    shape = probe_unit(folded, mod, x, batch, torch.device("cpu"))
+    inp = capture_inputs(folded, mod, x, batch, torch.device("cpu"), shape)
+    out, _ = capture_targets(folded, mod, x, batch, torch.device("cpu"), shape)
+    return UnitData(inp, out, None, -1 if isinstance(mod, nn.Linear) else 1)
+
+
+def time_unit(folded: nn.Module, unit, data: UnitData, bits: int, batch: int, iters: int) -> Dict[str, float]:
+    # mixquant gets its own cache (channels-last for 4-D); the other loops the plain NCHW layout they used
+    plain = UnitData(data.x.contiguous(), data.y.contiguous(), None, data.channel_dim)
+    steps = {}
+    for name, make in IMPLS.items():
+        mod = copy.deepcopy(unit.module)
+        mod.requires_grad_(False)
+        steps[name] = make(mod, unit.layers, unit.name, data if name in ("mixquant", "floor") else plain, bits, batch)
+    for _ in range(3):  # warm-up (first calls allocate and pick kernels)
+        for f in steps.values():
+            f()
+    times: Dict[str, List[float]] = {k: [] for k in steps}
+    for _ in range(iters):
+        for k, f in steps.items():
             t = time.perf_counter()
-            ours()
-            t_ours.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            plain()
-            t_plain.append(time.perf_counter() - t)
-    finally:
-        undo()
-    return statistics.median(t_ours), statistics.median(t_plain)
+            f()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
-def block_data(model: nn.Module, block: nn.Module, x: torch.Tensor) -> UnitData:
-    cache = {}
-
-    def hook(_m, args, out):
-        cache["x"], cache["y"] = args[0].detach(), out.detach()
-
-    h = block.register_forward_hook(hook)
-    with torch.no_grad():
-        model(x)
-    h.remove()
-    return UnitData(cache["x"], cache["y"])
+def kind_of(model_name: str, unit) -> str:
+    if unit.kind == "layer":
+        return "single layer"
+    return "BasicBlock" if model_name == "resnet20" else "inverted residual"
 
 
-# --------------------------------------------------------------------------- main
+def run_model(name: str, args: argparse.Namespace) -> List[dict]:
+    build, in_shape = MODELS[name]
+    model = build().eval()
+    folded = fold_bn(model).eval()
+    folded.requires_grad_(False)
+    x = torch.randn(args.samples, *in_shape, generator=torch.Generator().manual_seed(0))
+    layers = mixquant.find_layers(folded)
+    order = execution_order(folded, list(layers), x[:1])
+    rows = []
+    for unit in build_units(folded, {n: args.bits for n in layers}, order):
+        data = unit_data(folded, unit.name, x, args.batch)
+        t = time_unit(folded, unit, data, args.bits, args.batch, args.iters)
+        weights = sum(folded.get_submodule(n).weight.numel() for n in unit.layers)
+        rows.append({"model": name, "unit": unit.name, "kind": kind_of(name, unit), "layers": len(unit.layers),
+                     "weights": weights, "in_shape": list(data.x.shape[1:]), **{f"{k}_s": v for k, v in t.items()}})
+        print(f"  {name:12s} {unit.name or '<model>':22s} {rows[-1]['kind']:17s} "
+              + "  ".join(f"{k} {v * 1e3:8.2f} ms" for k, v in t.items()), file=sys.stderr, flush=True)
+    return rows
 
 
-def scale_init_seconds(model: nn.Module, bits: int, backend: str, repeat: int = 3) -> float:
-    layers = mixquant.find_layers(model)
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        for m in layers.values():
-            mixquant.choose_qparams(m.weight.detach(), bits, per_channel=True, clip="mse", p=2.4,
-                                    ch_axis=mixquant.channel_axis(m), backend=backend)
-        best = min(best, time.perf_counter() - t)
-    return best
+def table(rows: List[dict], header: List[str], cells: Callable[[dict], List[str]]) -> str:
+    body = [header] + [cells(r) for r in rows]
+    widths = [max(len(row[i]) for row in body) for i in range(len(header))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in body]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
 
 
-def run(name: str, build: Callable[[], nn.Module], probe: str, plain_fwd: Callable, args: argparse.Namespace) -> dict:
-    torch.manual_seed(0)
-    model = randomize_bn(build())
-    x = torch.randn(args.samples, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    cfg = mixquant.uniform(model, args.bits, errors=False)
-    folded = fold_bn(model)
-    rec = {"network": name, "params": sum(p.numel() for p in model.parameters()), "layers": len(cfg.bits),
-           "bits": args.bits, "iters": args.iters, "samples": args.samples, "batch_size": args.batch}
-    try:
-        rec["scale_init_native_s"] = scale_init_seconds(folded, args.bits, "native")
-    except ImportError:
-        rec["scale_init_native_s"] = None
-    rec["scale_init_reference_s"] = scale_init_seconds(folded, args.bits, "reference", repeat=1)
+def ms(v: float) -> str:
+    return f"{v * 1e3:.2f}"
 
-    t = time.perf_counter()
-    q = quantize(model, cfg, "brecq", calib_data=x, iters=args.iters, num_samples=args.samples,
-                 batch_size=args.batch, progress=False, keep_first_last_8bit=True)
-    rec["brecq_total_s"] = time.perf_counter() - t
-    report = q.mixquant_report
-    blocks = [r for r in report.records if r.kind == "block"]
-    rec["blocks"] = {r.unit: r.median_iter_s for r in blocks}
-    rec["block_iter_median_s"] = statistics.median(r.median_iter_s for r in blocks)
-    rec["block_iter_max_s"] = max(r.median_iter_s for r in blocks)
-    rec["peak_cache_bytes"] = report.peak_cache_bytes
 
-    block = folded.get_submodule(probe)
-    block.requires_grad_(False)  # as during reconstruction: only the rounding variables learn
-    data = block_data(folded, block, x)
-    rec["probe_block"] = probe
-    rec["iter_ours_s"], rec["iter_plain_s"] = compare_iteration(
-        block, plain_fwd, data, args.bits, args.batch, max(args.iters, 40))
-    return rec
+def report(rows: List[dict], threads: int, estimate_iters: int) -> str:
+    out = [f"### {threads} thread(s)", ""]
+    out.append(table(rows, ["model", "unit", "kind", "weights", "mixquant ms", "autograd ms", "reference-style ms",
+                            "floor ms", "vs autograd", "vs reference-style", "mixquant / floor"],
+                     lambda r: [r["model"], r["unit"] or "<model>", r["kind"], str(r["weights"]), ms(r["mixquant_s"]),
+                                ms(r["autograd_s"]), ms(r["reference-style_s"]), ms(r["floor_s"]),
+                                f"{r['autograd_s'] / r['mixquant_s']:.2f}x",
+                                f"{r['reference-style_s'] / r['mixquant_s']:.2f}x",
+                                f"{r['mixquant_s'] / r['floor_s']:.2f}"]))
+    kinds = []
+    for key in sorted({(r["model"], r["kind"]) for r in rows}):
+        sel = [r for r in rows if (r["model"], r["kind"]) == key]
+        med = {k: statistics.median(r[f"{k}_s"] for r in sel) for k in IMPLS}
+        kinds.append({"model": key[0], "kind": key[1], "units": len(sel), **med})
+    out += ["", "Median over units of each kind:", ""]
+    out.append(table(kinds, ["model", "kind", "units", "mixquant ms", "autograd ms", "reference-style ms",
+                             "floor ms", "vs autograd", "vs reference-style"],
+                     lambda k: [k["model"], k["kind"], str(k["units"]), ms(k["mixquant"]), ms(k["autograd"]),
+                                ms(k["reference-style"]), ms(k["floor"]), f"{k['autograd'] / k['mixquant']:.2f}x",
+                                f"{k['reference-style'] / k['mixquant']:.2f}x"]))
+    models = []
+    for m in dict.fromkeys(r["model"] for r in rows):
+        sel = [r for r in rows if r["model"] == m]
+        models.append({"model": m, "units": len(sel), **{k: sum(r[f"{k}_s"] for r in sel) * estimate_iters
+                                                          for k in IMPLS}})
+    out += ["", f"Whole model, {estimate_iters} iterations per unit (sum of the units' medians; caching and "
+            "evaluation excluded):", ""]
+    out.append(table(models, ["model", "units", "mixquant", "autograd", "reference-style", "floor", "vs autograd",
+                              "vs reference-style"],
+                     lambda k: [k["model"], str(k["units"]), f"{k['mixquant'] / 60:.1f} min",
+                                f"{k['autograd'] / 60:.1f} min", f"{k['reference-style'] / 60:.1f} min",
+                                f"{k['floor'] / 60:.1f} min",
+                                f"{k['autograd'] / k['mixquant']:.2f}x",
+                                f"{k['reference-style'] / k['mixquant']:.2f}x"]))
+    return "\n".join(out)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--iters", type=int, default=20, help="AdaRound iterations per block (default 20)")
-    ap.add_argument("--samples", type=int, default=128, help="calibration samples (default 128)")
+    ap.add_argument("--models", default="resnet20,mnist_digit,mobilenet_v2",
+                    help=f"comma-separated, from {', '.join(MODELS)}")
+    ap.add_argument("--threads", default="1,2", help="comma-separated torch thread counts (default 1,2)")
+    ap.add_argument("--iters", type=int, default=20, help="timed iterations per unit and implementation")
+    ap.add_argument("--samples", type=int, default=64, help="cached samples per unit (default 64)")
     ap.add_argument("--batch", type=int, default=32, help="batch size (default 32)")
-    ap.add_argument("--bits", type=int, default=4, help="weight bits (default 4)")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads, 0 = torch's default (default 1)")
-    ap.add_argument("--json", help="write the records to this file")
+    ap.add_argument("--bits", type=int, default=2, help="weight bits (default 2)")
+    ap.add_argument("--estimate-iters", type=int, default=2000, help="iterations per unit of the estimate")
+    ap.add_argument("--json", help="write every measurement to this file")
     args = ap.parse_args(argv)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    nets = [
-        ("resnet20", ResNet20, "layer2.0", _plain_forward_basic),
-        ("mobilenetv2-0.5", MobileNetV2, "features.3", _plain_forward_inverted),
-    ]
-    records = [run(*net, args) for net in nets]
-    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    for r in records:
-        r["peak_rss_mb"] = rss_kb / 1024
-        r["threads"] = torch.get_num_threads()
-        r["torch"] = torch.__version__
-        r["machine"] = platform.processor() or platform.machine()
-
-    def ms(v):
-        return "n/a" if v is None else f"{v * 1e3:.2f}"
-
-    head = ("network", "params", "blocks", "ms/iter/block (median, max)", "scale init ms native / reference",
-            "iter ms ours / plain torch", "cache MB", "peak RSS MB")
-    rows = [head]
-    for r in records:
-        speedup = (f" ({r['scale_init_reference_s'] / r['scale_init_native_s']:.0f}x)"
-                   if r["scale_init_native_s"] else "")
-        rows.append((
-            r["network"], f"{r['params'] / 1e3:.0f}k", str(len(r["blocks"])),
-            f"{ms(r['block_iter_median_s'])}, {ms(r['block_iter_max_s'])}",
-            f"{ms(r['scale_init_native_s'])} / {ms(r['scale_init_reference_s'])}{speedup}",
-            f"{ms(r['iter_ours_s'])} / {ms(r['iter_plain_s'])} ({r['probe_block']})",
-            f"{r['peak_cache_bytes'] / 2**20:.1f}", f"{r['peak_rss_mb']:.0f}",
-        ))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    for i, row in enumerate(rows):
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
-    print(f"\n{args.samples} samples, batch {args.batch}, {args.iters} iterations per block, W{args.bits} "
-          f"(first/last 8), torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    for m in models:
+        if m not in MODELS:
+            ap.error(f"unknown model {m!r}; choose from {', '.join(MODELS)}")
+    threads = [int(t) for t in args.threads.split(",")]
+    load0 = os.getloadavg()
+    results, texts = [], []
+    for nt in threads:
+        torch.set_num_threads(nt)
+        rows = [r for m in models for r in run_model(m, args)]
+        for r in rows:
+            r["threads"] = nt
+        results += rows
+        texts.append(report(rows, nt, args.estimate_iters))
+    load1 = os.getloadavg()
+    print("\n\n".join(texts))
+    print(f"\n{args.samples} cached samples, batch {args.batch}, W{args.bits}, lambda {LAMBDA}, beta {BETA}, "
+          f"{args.iters} timed iterations per unit and implementation (medians); torch {torch.__version__}, "
+          f"SIMD {mixquant.simd_level()}, {platform.processor() or platform.machine()}; "
+          f"load average {load0[0]:.2f} at the start, {load1[0]:.2f} at the end")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump(records, fh, indent=1)
+            json.dump({"rows": results, "load": [load0, load1], "args": vars(args)}, fh, indent=1)
     return 0
 
 

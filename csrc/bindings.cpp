@@ -847,6 +847,8 @@ void widen_16(py::object src_obj, const std::string& kind, py::object out_obj, i
 
 }  // namespace
 
+void bind_rounding(py::module_& m);  // bindings_rounding.cpp
+
 PYBIND11_MODULE(_core, m) {
   m.doc() = "mixquant native core: fused quantization-error kernels with SIMD dispatch";
   mixquant::init_simd_from_env();
@@ -924,4 +926,5 @@ PYBIND11_MODULE(_core, m) {
         "num_threads"_a, "Group-wise integer codes: uint8 when bits <= 8, else uint16 ([C, K]).");
   m.def("group_dequantize", &group_dequantize, "codes"_a, "scale"_a, "zero_point"_a, "bits"_a, "group_size"_a,
         "num_threads"_a, "Group-wise (codes - zero_point) * scale as float32 [C, K].");
+  bind_rounding(m);
 }

@@ -215,3 +215,100 @@ def test_group_size_at_least_the_row_is_one_group_per_row():
     np.testing.assert_array_equal(g.scale, big.scale)
     np.testing.assert_array_equal(g.channel_sse, big.channel_sse)
     assert g.scale.shape == (7, 6)
+# -- the fused AdaRound step (csrc/rounding_*.cpp vs core/reference.py) ------------------
+
+
+def _flat_rounding(seed: int):
+    from mixquant.core.rounding import FlatRounding
+
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(4, 3, 3, 3), (5, 7), (3, 1, 2, 2), (37,)]
+    Vs, fl, sc, lo, hi = [], [], [], [], []
+    for i, shape in enumerate(shapes):
+        V = torch.randn(shape, generator=g) * 3
+        V.view(-1)[:3] = torch.tensor([0.0, 40.0, -95.0])  # h = 0.5 (|2h - 1| = 0), saturated either way
+        f = torch.floor(torch.randn(shape, generator=g) * 3)
+        per = (shape[0],) + (1,) * (len(shape) - 1) if i != 3 else (1,)  # per channel, and one per-tensor
+        s = torch.rand(per, generator=g) + 0.05
+        z = torch.randint(0, 4, per, generator=g).float()
+        Vs.append(V)
+        fl.append(f)
+        sc.append(s)
+        lo.append(-z)
+        hi.append(3.0 - z)  # 2 bits: floor + h is clamped for many elements (at both ends)
+    return FlatRounding.build(Vs, fl, sc, lo, hi), g
+
+
+@pytest.mark.skipif(not LEVELS, reason="native core not built")
+def test_rounding_step_native_matches_reference(simd):
+    from mixquant.core.rounding import rounding_step, rounding_weight
+
+    ref, g = _flat_rounding(0)
+    nat, _ = _flat_rounding(0)
+    rounding_weight(ref, backend="reference")
+    rounding_weight(nat, backend="native")
+    torch.testing.assert_close(nat.w, ref.w, rtol=2e-6, atol=1e-7)
+    for it in range(12):
+        gw = torch.randn(ref.V.shape, generator=g)
+        coef, beta = (0.0, 20.0) if it < 4 else (0.05, 20.0 - it)  # warm-up, then the regulariser
+        for state, be in ((ref, "reference"), (nat, "native")):
+            rounding_step(state, gw, lr=1e-2, coef=coef, beta=beta, backend=be)
+        for name in ("V", "exp_avg", "exp_avg_sq", "w"):
+            torch.testing.assert_close(getattr(nat, name), getattr(ref, name), rtol=1e-5, atol=1e-6,
+                                       msg=lambda m, name=name: f"{name} after step {it}: {m}")
+    assert nat.steps == ref.steps == 12
+
+
+@pytest.mark.skipif(not LEVELS, reason="native core not built")
+def test_rounding_step_same_bits_on_every_level():
+    from mixquant.core.rounding import rounding_step
+
+    results = []
+    for level in LEVELS:
+        state, g = _flat_rounding(1)
+        with mixquant.use_simd_level(level):
+            for it in range(5):
+                rounding_step(state, torch.randn(state.V.shape, generator=g), lr=1e-2, coef=0.01, beta=7.5,
+                              num_threads=2, backend="native")
+        results.append(torch.cat([state.V, state.exp_avg, state.exp_avg_sq, state.w]))
+    for r in results[1:]:
+        assert torch.equal(r, results[0])  # IEEE operations only: every level, any thread count
+
+
+@pytest.mark.skipif(not LEVELS, reason="native core not built")
+def test_rounding_binding_refuses_bad_buffers():
+    from mixquant import _core
+
+    n = 10
+    a = {k: np.zeros(n, np.float32) for k in ("V", "floor", "gw", "m", "v", "w")}
+    sc, lo, hi = np.ones(n, np.float32), np.zeros(n, np.float32), np.ones(n, np.float32)
+    consts = dict(coef=0.01, beta=2.0, beta_minus_1=1.0, lerp_w=0.1, beta2=0.999, one_minus_beta2=0.001,
+                  neg_step=-1e-3, bc2_sqrt=0.03, eps=1e-8, num_threads=1)
+
+    def step(**over):
+        kw = dict(V=a["V"], floor=a["floor"], scale=sc, lo=lo, hi=hi, grad_w=a["gw"], exp_avg=a["m"],
+                  exp_avg_sq=a["v"], w=a["w"], **consts)
+        kw.update(over)
+        _core.rounding_step(**kw)
+
+    step()
+    bad = [
+        ({"V": a["V"].astype(np.float64)}, "float32"),
+        ({"V": np.zeros((2, 5), np.float32)}, "1-D"),
+        ({"V": np.zeros(2 * n, np.float32)[::2]}, "contiguous"),
+        ({"grad_w": np.zeros(n + 1, np.float32)}, "11"),
+        ({"w": a["V"]}, "overlaps"),
+        ({"exp_avg": a["gw"]}, "overlaps"),
+        ({"lo": np.full(n, 2.0, np.float32)}, "lo <= hi"),
+        ({"scale": np.zeros(n, np.float32)}, "scale"),
+        ({"eps": 0.0}, "eps"),
+        ({"neg_step": float("nan")}, "finite"),
+        ({"coef": -1.0}, "coef"),
+    ]
+    for over, msg in bad:
+        with pytest.raises(ValueError, match=msg):
+            step(**over)
+    ro = np.zeros(n, np.float32)
+    ro.setflags(write=False)
+    with pytest.raises(ValueError, match="writable"):
+        step(V=ro)

@@ -65,6 +65,33 @@ def test_the_data_gives_the_bits_to_the_path_the_output_feels(kind):
     assert _output_error(model, data, x) < 0.5 * _output_error(model, free, x)
 
 
+def test_projected_output_error_is_the_squared_first_order_change_per_sample():
+    # E_n[(g_n . (W_b - W) x_n)^2], summed over the tokens before squaring: computed by hand.
+    torch.manual_seed(4)
+    lin = nn.Linear(6, 5, bias=False)
+    model = nn.Sequential(lin, nn.Tanh(), nn.Linear(5, 3)).eval()
+    x = torch.randn(4, 7, 6)  # 4 samples of 7 tokens
+    table = mixquant.roundoff_error(lin.weight, [2, 3], per_channel=True)
+    got = sens.measure_sensitivity("output", model, {"0": lin}, {"0": table}, collect_batches(x), output_loss="kl")
+    want, diag = [], []
+    for wq in sens.candidate_weights(lin, table):
+        total = total_diag = 0.0
+        for n in range(4):
+            h = lin(x[n:n + 1])
+            h.retain_grad()
+            out = model[2](model[1](h))
+            logits = out.reshape(-1, 3)
+            F.cross_entropy(logits, logits.detach().argmax(1), reduction="sum").backward()
+            dy = torch.nn.functional.linear(x[n:n + 1], wq - lin.weight).detach()
+            total += float((h.grad * dy).sum()) ** 2
+            total_diag += float((h.grad.square() * dy.square()).sum())
+            model.zero_grad()
+        want.append(total / 4)
+        diag.append(total_diag / 4)
+    np.testing.assert_allclose(got.costs["0"], want, rtol=1e-4)
+    assert not np.allclose(want, diag, rtol=0.05)  # the coherent sum is not the per-position diagonal
+
+
 @pytest.mark.parametrize("kind", ["input", "output"])
 def test_layer_local_errors_without_the_gain_are_fooled(kind):
     # Without weighting by the output gradient, a's larger local error wins it the bits.
@@ -178,7 +205,7 @@ def test_fisher_is_the_mean_of_per_sample_squared_gradients():
     layers = mixquant.find_layers(model)
     x = torch.randn(5, 4)
     y = torch.tensor([0, 2, 1, 1, 0])
-    fisher, _ = sens.gradient_stats(model, layers, [Batch((x,), {}, y)], "kl", fisher=True, gains=False)
+    fisher, _, _ = sens.gradient_stats(model, layers, [Batch((x,), {}, y)], "kl", fisher=True, gains=False)
     want = torch.zeros_like(model[0].weight)
     batch_grad = torch.zeros_like(model[0].weight)
     for i in range(5):
@@ -196,8 +223,8 @@ def test_fisher_without_labels_uses_the_models_argmax():
     x = torch.randn(6, 4)
     labels = model(x).argmax(1).detach()
     layers = mixquant.find_layers(model)
-    a, _ = sens.gradient_stats(model, layers, [Batch((x,))], "kl", fisher=True, gains=False)
-    b, _ = sens.gradient_stats(model, layers, [Batch((x,), {}, labels)], "kl", fisher=True, gains=False)
+    a, _, _ = sens.gradient_stats(model, layers, [Batch((x,))], "kl", fisher=True, gains=False)
+    b, _, _ = sens.gradient_stats(model, layers, [Batch((x,), {}, labels)], "kl", fisher=True, gains=False)
     torch.testing.assert_close(a["0"], b["0"])
 
 
@@ -216,8 +243,8 @@ def test_gains_survive_an_in_place_activation():
 
     x = torch.randn(4, 2, 5, 5)
     layers = {"conv": conv}
-    _, g_inplace = sens.gradient_stats(Net(True).eval(), layers, [Batch((x,))], "kl", fisher=False, gains=True)
-    _, g_plain = sens.gradient_stats(Net(False).eval(), layers, [Batch((x,))], "kl", fisher=False, gains=True)
+    _, g_inplace, _ = sens.gradient_stats(Net(True).eval(), layers, [Batch((x,))], "kl", fisher=False, gains=True)
+    _, g_plain, _ = sens.gradient_stats(Net(False).eval(), layers, [Batch((x,))], "kl", fisher=False, gains=True)
     torch.testing.assert_close(g_inplace["conv"], g_plain["conv"])
     assert (g_plain["conv"] > 0).any()
 

@@ -171,3 +171,12 @@ def group_dequantize(
 
 def widen_16(src: npt.NDArray[np.uint16], kind: str, out: _F32, num_threads: int) -> None:
     """Write the float32 values of ``src`` (bfloat16 or float16 bit patterns, ``kind``) into ``out[:src.size]``."""
+def rounding_weight(V: _F32, floor: _F32, scale: _F32, lo: _F32, hi: _F32, w: _F32, num_threads: int) -> None:
+    """AdaRound's soft weight ``scale * clamp(floor + h(V), lo, hi)`` written into ``w`` (1-D float32, one length)."""
+
+def rounding_step(
+    V: _F32, floor: _F32, scale: _F32, lo: _F32, hi: _F32, grad_w: _F32, exp_avg: _F32, exp_avg_sq: _F32, w: _F32,
+    coef: float, beta: float, beta_minus_1: float, lerp_w: float, beta2: float, one_minus_beta2: float,
+    neg_step: float, bc2_sqrt: float, eps: float, num_threads: int,
+) -> None:
+    """One fused AdaRound step in place: d(L + coef * regulariser)/dV from ``grad_w``, Adam on V, new ``w``."""

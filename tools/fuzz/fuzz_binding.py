@@ -246,6 +246,10 @@ def check_raw_junk(rng: np.random.Generator) -> None:
         "unpack_bits": (np.zeros(7, np.uint8), 3, 10),
         "unpack_dequantize": (np.zeros(8, np.uint8), 4, 1, 2, 8, 8, np.ones(2, np.float32), np.zeros(2, np.int64),
                               1, np.empty(16, np.float32)),
+        # V, floor, scale, lo, hi, [grad_w, exp_avg, exp_avg_sq,] w
+        "rounding_weight": tuple(np.full(6, v, np.float32) for v in (0, 0, 1, 0, 1, 0)) + (1,),
+        "rounding_step": tuple(np.full(6, v, np.float32) for v in (0, 0, 1, 0, 1, 0.5, 0, 0, 0))
+        + (0.01, 2.0, 1.0, 0.1, 0.999, 0.001, -1e-3, 0.03, 1e-8, 1),
     }
     name = list(good)[int(rng.integers(0, len(good)))]
     args = list(good[name])

@@ -14,7 +14,10 @@ feels, using calibration batches (:mod:`mixquant.nn.batches`):
     dilation, so border zeros and strides count exactly (a per-channel moment
     would not see them); for a transposed convolution it is the input channel.
 ``"output"``
-    the measured output error ``E_n ||(W - W^_b) x_n||^2`` of every candidate.
+    the output error of every candidate, ``dy_n = (W^_b - W) x_n``, projected on
+    each sample's gradient of the task loss at the layer's output and squared:
+    ``E_n[(g_n . dy_n)^2]``, the squared first-order change of the loss (the
+    measured ``E_n ||dy_n||^2``, layer-local, is there for studies).
 ``"fisher"``
     ``sum_ij F_ij (w_ij - w^_ij)^2`` with ``F`` the empirical Fisher diagonal of
     the weights: squared per-sample gradients of the task loss (cross-entropy
@@ -28,14 +31,20 @@ feels, using calibration batches (:mod:`mixquant.nn.batches`):
     part of the network before the layer replayed from a record
     (:mod:`mixquant.nn.replay`).
 
-Layer-local errors (``"input"``, ``"output"``) are in units of each layer's own
-output, which later layers amplify or damp (a residual stream, a LayerNorm, a
-softmax): summed raw or divided by each layer's output energy they are not
-comparable across layers. They are weighted per output channel ``o`` by the
-mean squared gradient of the task loss at that channel, ``E[g_o^2]`` (one
-backward pass per sample, as for ``"fisher"``): to second order the loss grows
-by ``1/2 sum_o E[g_o^2] E||dy_o||^2``, a figure in the units of the loss for
-every layer. ``"fisher"`` and ``"model"`` are comparable by construction.
+Layer-local errors are in units of each layer's own output, which later layers
+amplify or damp (a residual stream, a LayerNorm, a softmax): summed raw or
+divided by each layer's output energy they are not comparable across layers.
+``"input"`` (a per-feature statistic) weighs each output channel ``o`` by the
+mean squared gradient of the task loss there, ``E[g_o^2]``: to second order the
+loss grows by ``1/2 sum_o E[g_o^2] E||dy_o||^2`` if the gradient and the error
+are independent across positions. They are not: one weight error repeats at
+every token or pixel, and pooling or attention add those copies up, so the
+per-position weighting misses the coherent part (measured on MPNet in
+docs/RESULTS.md). ``"output"`` keeps it: the dot product ``g_n . dy_n`` sums
+over positions before squaring, which equals ``<dL_n/dW, W^_b - W>``, so it is
+computed from the per-sample weight gradients of the ``"fisher"`` pass (the
+full in-layer quadratic form, where the Fisher diagonal keeps only squares).
+``"fisher"``, ``"output"`` and ``"model"`` are in the units of the loss.
 """
 
 from __future__ import annotations
@@ -66,9 +75,12 @@ DATA_SENSITIVITIES = SENSITIVITIES[1:]
 #: What ``mixquant.search`` uses when given calibration data and no sensitivity.
 DEFAULT_DATA_SENSITIVITY = "model"
 OUTPUT_LOSSES = ("kl", "cosine", "mse")
-#: How layer-local errors are made comparable: by the output gradient ("gain", the default),
-#: by the layer's own output energy ("energy"), or not at all ("none"; for studies).
-LAYER_SCALINGS = ("gain", "energy", "none")
+#: How layer-local errors are made comparable across layers: projected on each sample's output
+#: gradient ("projected": the default of "output"), weighted per output channel by the mean squared
+#: output gradient ("gain": the default of "input", whose statistic is per feature), divided by the
+#: layer's own output energy ("energy"), or not at all ("none"); the last three are kept for studies.
+LAYER_SCALINGS = ("projected", "gain", "energy", "none")
+DEFAULT_SCALING = {"input": "gain", "output": "projected"}
 #: Samples per forward pass of the statistics passes.
 PASS_BATCH = 32
 #: Limit on the outputs recorded to replay the prefix of the network ("model").
@@ -294,10 +306,18 @@ def _task_loss(out: Any, batch: Batch, output_loss: OutputLoss, generator: torch
 
 
 def gradient_stats(model: nn.Module, layers: Mapping[str, nn.Module], batches: Sequence[Batch],
-                   output_loss: OutputLoss, *, fisher: bool, gains: bool, seed: int = 0
-                   ) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
-    """Per layer: the empirical Fisher diagonal ``E_n[(dL_n/dW)^2]`` (weight-shaped) and the gains
-    ``E[g_o^2]`` (``[C_out]``, mean over samples and positions of the squared output gradient).
+                   output_loss: OutputLoss, *, fisher: bool, gains: bool, seed: int = 0,
+                   project: Optional[Mapping[str, RoundoffError]] = None,
+                   ) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor], Dict[str, np.ndarray]]:
+    """Per layer: the empirical Fisher diagonal ``E_n[(dL_n/dW)^2]`` (weight-shaped), the gains
+    ``E[g_o^2]`` (``[C_out]``, mean over samples and positions of the squared output gradient) and,
+    with ``project`` (the layers' tables), ``E_n[<dL_n/dW, W_b - W>^2]`` for every candidate ``b``.
+
+    The last is the squared first-order change of each sample's loss when the
+    layer's output moves by ``(W_b - W) x_n``: ``(g_n . dy_n)^2``, the layer's
+    output error projected on the output gradient, summed coherently over the
+    positions before squaring (the full in-layer quadratic form, where the
+    Fisher diagonal keeps only the squares).
 
     One forward and backward pass per sample (per-sample gradients: the square
     of a batch gradient is not the sum of the squares).
@@ -309,6 +329,8 @@ def gradient_stats(model: nn.Module, layers: Mapping[str, nn.Module], batches: S
     outputs: Dict[str, List[torch.Tensor]] = {}
     weights = {n: layer.weight for n, layer in layers.items()}
     flags = {id(w): w.requires_grad for w in weights.values()}
+    proj_sum: Dict[str, np.ndarray] = {n: np.zeros(len(t.bits)) for n, t in (project or {}).items()}
+    need_w = fisher or project is not None
     count = 0
 
     def make(name: str):
@@ -330,13 +352,20 @@ def gradient_stats(model: nn.Module, layers: Mapping[str, nn.Module], batches: S
                     outputs.clear()
                     loss = _task_loss(sample.run(model), sample, output_loss, generator)
                     names = list(weights)
-                    wanted = [weights[n] for n in names] if fisher else []
+                    wanted = [weights[n] for n in names] if need_w else []
                     outs = [(n, o) for n in names for o in outputs.get(n, [])]
                     grads = torch.autograd.grad(loss, wanted + [o for _, o in outs], allow_unused=True)
-                    for n, g in zip(names if fisher else [], grads[: len(wanted)]):
-                        if g is not None:
-                            sq = g.detach().float().square()
+                    for n, g in zip(names if need_w else [], grads[: len(wanted)]):
+                        if g is None:
+                            continue
+                        g = g.detach().float()
+                        if fisher:
+                            sq = g.square()
                             fisher_sum[n] = sq if n not in fisher_sum else fisher_sum[n] + sq
+                        if project is not None and n in project:
+                            w = weights[n].detach().float()
+                            for j, wq in enumerate(candidate_weights(layers[n], project[n])):
+                                proj_sum[n][j] += float((g * (wq.float() - w)).sum(dtype=torch.float64)) ** 2
                     for (n, o), g in zip(outs, grads[len(wanted):]):
                         if g is None:
                             continue
@@ -358,7 +387,7 @@ def gradient_stats(model: nn.Module, layers: Mapping[str, nn.Module], batches: S
         for n, layer in layers.items():
             c = layer.weight.shape[channel_axis(layer)]
             gains_out[n] = (gain_sum[n] / gain_count[n]).cpu() if n in gain_sum else torch.zeros(c, dtype=torch.float64)
-    return fisher_out, gains_out
+    return fisher_out, gains_out, {n: v / count for n, v in proj_sum.items()}
 
 
 # --------------------------------------------------------------------------
@@ -447,7 +476,7 @@ def measure_sensitivity(
     batches: Sequence[Batch],
     *,
     output_loss: OutputLoss = "kl",
-    scaling: str = "gain",
+    scaling: Optional[str] = None,
     seed: int = 0,
     backend: Optional[str] = None,
     num_threads: Optional[int] = None,
@@ -462,8 +491,12 @@ def measure_sensitivity(
     """
     if kind not in DATA_SENSITIVITIES:
         raise ValueError(f"sensitivity must be one of {DATA_SENSITIVITIES} here, got {kind!r}")
-    if scaling not in LAYER_SCALINGS:
+    scaling = DEFAULT_SCALING.get(kind) if scaling is None else scaling
+    if kind in DEFAULT_SCALING and scaling not in LAYER_SCALINGS:
         raise ValueError(f"scaling must be one of {LAYER_SCALINGS}, got {scaling!r}")
+    if kind == "input" and scaling == "projected":
+        raise ValueError("sensitivity='input' is a per-feature statistic: it has no per-sample projection "
+                         "(scaling 'gain', 'energy' or 'none')")
     if not callable(output_loss) and output_loss not in OUTPUT_LOSSES:
         raise ValueError(f"output_loss must be one of {OUTPUT_LOSSES} or a callable, got {output_loss!r}")
     device = _device(model)
@@ -479,12 +512,15 @@ def measure_sensitivity(
         seconds.update({k: v for k, v in info.items()})
         return SensitivityResult(kind, costs, {}, seconds, samples)
     needs_gains = kind in ("input", "output") and scaling == "gain"
+    projected = kind == "output" and scaling == "projected"
     fisher: Dict[str, torch.Tensor] = {}
     gains: Dict[str, torch.Tensor] = {}
-    if kind == "fisher" or needs_gains:
-        fisher, gains = gradient_stats(model, layers, passes, output_loss, fisher=kind == "fisher",
-                                       gains=needs_gains, seed=seed)
+    if kind == "fisher" or needs_gains or projected:
+        fisher, gains, proj = gradient_stats(model, layers, passes, output_loss, fisher=kind == "fisher",
+                                             gains=needs_gains, seed=seed, project=tables if projected else None)
         seconds["gradients"] = time.perf_counter() - t0
+        if projected:
+            return SensitivityResult(kind, proj, {}, seconds, samples)
     t1 = time.perf_counter()
     energy: Dict[str, torch.Tensor] = {}
     if kind == "input":

@@ -12,7 +12,7 @@ import math
 __all__ = [
     "MIN_BITS", "MAX_BITS", "MIN_ACT_BITS", "MAX_ACT_BITS", "MAX_N_GRID", "DEFAULT_N_GRID",
     "DEFAULT_STEP", "DEFAULT_P", "DEFAULT_CANDIDATES", "MAX_CLIP_SCRATCH_BYTES", "CLIP_METHODS",
-    "clip_grid_ok",
+    "clip_grid_ok", "ADAROUND_GAMMA", "ADAROUND_ZETA",
 ]
 
 #: Weight bit-widths: codes are unsigned integers in [0, 2**bits - 1], stored in up to 16 bits.
@@ -33,6 +33,10 @@ DEFAULT_CANDIDATES = range(2, 9)
 MAX_CLIP_SCRATCH_BYTES = 2**33
 #: Range rules: the zero-including min/max range, or the clipping search.
 CLIP_METHODS = ("minmax", "mse")
+#: AdaRound's rectified sigmoid h(V) = clamp(sigmoid(V) * (zeta - gamma) + gamma, 0, 1)
+#: (the native rounding kernels use the same two numbers, as float32).
+ADAROUND_GAMMA = -0.1
+ADAROUND_ZETA = 1.1
 
 
 def clip_grid_ok(n_grid: int, step: float) -> bool:

@@ -16,6 +16,9 @@ from typing import Sequence, Tuple
 
 import torch
 
+from .limits import ADAROUND_GAMMA as GAMMA
+from .limits import ADAROUND_ZETA as ZETA
+
 FLT_MIN = torch.finfo(torch.float32).tiny
 FLT_MAX = torch.finfo(torch.float32).max
 
@@ -40,6 +43,9 @@ __all__ = [
     "group_dequantize",
     "group_error_table",
     "group_clip_search",
+    "rounding_weight",
+    "rounding_grad",
+    "adam_update",
 ]
 
 
@@ -307,3 +313,48 @@ def group_clip_search(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`clip_search` per group (ranges ``lo``/``hi`` ``[C * G]``) with bfloat16 scales; outputs ``[B, C * G]``."""
     return _clip_rows(group_view(w, group_size), lo, hi, bits, symmetric, n_grid, step, p, group_qparams)
+# ----------------------------------------------------------------- AdaRound step
+# The twins of csrc/rounding_*.cpp. They repeat, operation for operation, what
+# autograd and torch.optim.Adam (single-tensor, the CPU default) compute for
+#   loss = L(w) + coef * sum(1 - |2 h - 1|**beta),
+#   h = clamp(sigmoid(V) * (zeta - gamma) + gamma, 0, 1),  w = scale * clamp(floor + h, lo, hi),
+# so that a step built from them is bit-identical to the autograd one. scale,
+# lo and hi may be per-channel tensors broadcast against V.
+
+
+def rounding_weight(V: torch.Tensor, floor: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor,
+                    hi: torch.Tensor) -> torch.Tensor:
+    """AdaRound's soft-rounded weight of ``V``."""
+    h = torch.clamp(torch.sigmoid(V) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+    return scale * torch.clamp(floor + h, lo, hi)
+
+
+def rounding_grad(V: torch.Tensor, floor: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                  grad_w: torch.Tensor, coef: float, beta: float) -> torch.Tensor:
+    """d(L + coef * regulariser)/dV from ``grad_w = dL/dw``, as autograd computes it (``coef=0``: no regulariser)."""
+    s = torch.sigmoid(V)
+    hr = s * (ZETA - GAMMA) + GAMMA
+    h = torch.clamp(hr, 0.0, 1.0)
+    q = floor + h
+    zero = torch.zeros((), dtype=V.dtype)
+    g = torch.where((q >= lo) & (q <= hi), grad_w * scale, zero)  # Mul-, Clamp-, AddBackward
+    if coef:
+        u = 2.0 * h - 1.0
+        # SumBackward (expand), RsubBackward (-grad), PowBackward (grad * (beta * |u|^(beta-1))),
+        # AbsBackward (* sgn), MulBackward (* 2); coef reaches the sum as a float32 scalar.
+        up = torch.full_like(h, -float(torch.tensor(coef, dtype=torch.float32)))
+        g = g + up * (u.abs().pow(beta - 1) * beta) * u.sgn() * 2.0
+    g = torch.where((hr >= 0.0) & (hr <= 1.0), g, zero)
+    return torch.ops.aten.sigmoid_backward(g * (ZETA - GAMMA), s)
+
+
+def adam_update(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                step: int, lr: float, betas: Tuple[float, float], eps: float) -> None:
+    """torch.optim.Adam's single-tensor update of ``param`` in place (no weight decay); ``step`` counts from 1."""
+    beta1, beta2 = betas
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    t = float(torch.tensor(float(step), dtype=torch.float32))  # Adam counts steps in a float32 tensor
+    step_size = lr / (1 - beta1**t)
+    denom = (exp_avg_sq.sqrt() / (1 - beta2**t) ** 0.5).add_(eps)
+    param.addcdiv_(exp_avg, denom, value=-step_size)

@@ -230,7 +230,7 @@ def run_sensitivity_study(
             if method == "brecq" and sm.brecq is None:
                 continue
             cells = []
-            for b in uniform_avg:
+            for b in uniform_avg if "uniform" in selectors else ():
                 cells.append(("uniform", float(b), mixquant.uniform(sm.model, b, keep=sm.keep, filter_fn=sm.filter_fn)))
             for level in sm.levels:
                 target = sum(uniform_avg[b] for b in _brackets(level)) / len(_brackets(level))

@@ -13,21 +13,29 @@ The regulariser ``sum(1 - |2 h(V) - 1|^beta)`` pushes every ``h`` to 0 or 1.
 While a layer is being optimised its ``weight`` Parameter is taken off the
 module and a forward pre-hook puts the soft-quantized tensor in its place, so
 any layer type whose forward reads ``self.weight`` works unchanged.
+
+:class:`UnitRounding` optimises the roundings of a unit's layers together with
+the fused step of :mod:`mixquant.core.rounding`: the soft weights are one flat
+leaf tensor, autograd only differentiates the unit's forward pass, and the
+gradient with respect to ``V`` (regulariser included) and the Adam update are
+one native pass, the same arithmetic as autograd plus ``torch.optim.Adam``
+(bit for bit on the reference backend).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Callable, List, Optional, Tuple
+
 import torch
 import torch.nn as nn
 
+from ..core.limits import ADAROUND_GAMMA as GAMMA
+from ..core.limits import ADAROUND_ZETA as ZETA
+from ..core.rounding import FlatRounding, rounding_step, rounding_weight
 from ..nn import qmodules
 
-__all__ = ["AdaRound", "LinearTempDecay", "GAMMA", "ZETA"]
-
-GAMMA = -0.1
-ZETA = 1.1
+__all__ = ["AdaRound", "UnitRounding", "LinearTempDecay", "GAMMA", "ZETA"]
 
 
 class AdaRound(nn.Module):
@@ -42,8 +50,9 @@ class AdaRound(nn.Module):
         group_size: the group size of group parameters (None otherwise).
 
     ``mode`` selects the rounding used by :meth:`forward`: "soft" (learned,
-    differentiable), "hard" (V >= 0) or "nearest" (round to nearest, for the
-    baseline loss).
+    differentiable), "hard" (V >= 0), "nearest" (round to nearest, for the
+    baseline loss) or "external" (the tensor ``external()`` returns: a
+    :class:`UnitRounding` in charge).
     """
 
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int, ch_axis: int,
@@ -70,6 +79,7 @@ class AdaRound(nn.Module):
         self.ch_axis = int(ch_axis)
         self.group_size = None if group_size is None else int(group_size)
         self.mode = "soft"
+        self.external: Optional[Callable[[], torch.Tensor]] = None
         self._h: Optional[Tuple[torch.Tensor, int]] = None
 
     def h(self) -> torch.Tensor:
@@ -88,12 +98,16 @@ class AdaRound(nn.Module):
 
     def forward(self) -> torch.Tensor:
         """The weight under the current rounding mode."""
+        if self.mode == "external":
+            assert self.external is not None
+            return self.external()
         return self.scale * torch.clamp(self.floor + self.offsets(), self.lo, self.hi)
 
     def regularizer(self, beta: float) -> torch.Tensor:
         """``sum(1 - |2 h(V) - 1|^beta)``: zero when every offset is 0 or 1.
 
-        Reuses ``h(V)`` from this step's forward pass when there was one.
+        Reuses ``h(V)`` from this step's forward pass when there was one (one
+        node for both uses, as the fused step's gradient assumes).
         """
         cached, self._h = self._h, None
         h = cached[0] if cached is not None and cached[1] == self.V._version else self.h()
@@ -135,6 +149,44 @@ def detach(layer: nn.Module, weight: nn.Parameter) -> AdaRound:
     del layer.weight
     layer.weight = weight
     return rounding
+
+
+class UnitRounding:
+    """The roundings of one unit's layers, optimised together by the fused step.
+
+    While it is active every layer's :class:`AdaRound` is in "external" mode
+    and reads its soft weight from ``self.w``, one flat float32 leaf tensor
+    (a view per layer, so autograd gathers the gradients of all layers in
+    ``self.w.grad``). After the backward pass, :meth:`step` turns that
+    gradient into the Adam update of every ``V`` and refreshes ``w``;
+    :meth:`finish` copies the learned ``V`` back and leaves "external" mode.
+    """
+
+    def __init__(self, roundings: List[AdaRound], lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
+                 backend: Optional[str] = None) -> None:
+        self.roundings = list(roundings)
+        self.lr, self.betas, self.eps, self.backend = lr, tuple(betas), eps, backend
+        self.state = FlatRounding.build([r.V.detach() for r in self.roundings], [r.floor for r in self.roundings],
+                                        [r.scale for r in self.roundings], [r.lo for r in self.roundings],
+                                        [r.hi for r in self.roundings])
+        rounding_weight(self.state, backend=backend)
+        self.w = self.state.w.requires_grad_(True)
+        for i, r in enumerate(self.roundings):
+            r.mode = "external"
+            r.external = lambda i=i: self.state.segment(self.w, i)
+
+    def step(self, coef: float, beta: float) -> None:
+        """Apply ``self.w.grad`` (the reconstruction loss's) plus ``coef`` times the regulariser's gradient."""
+        rounding_step(self.state, self.w.grad, lr=self.lr, betas=self.betas, eps=self.eps, coef=coef, beta=beta,
+                      backend=self.backend)
+        self.w.grad = None
+
+    def finish(self) -> None:
+        """Copy the learned ``V`` into the layers' :class:`AdaRound` modules and put them back in "soft" mode."""
+        with torch.no_grad():
+            for i, r in enumerate(self.roundings):
+                r.V.copy_(self.state.segment(self.state.V, i))
+                r.mode, r.external = "soft", None
 
 
 class LinearTempDecay:

@@ -12,7 +12,11 @@ Pipeline (Li et al., ICLR 2021), with each layer at the bit-width the
    AdaRound variables of all the unit's layers together on
    ``reconstruction loss + rounding_weight * regulariser`` (regulariser off
    for the first ``warmup`` of the iterations, then ``beta`` annealed from
-   ``beta_range[0]`` to ``beta_range[1]``); round hard and store the weights.
+   ``beta_range[0]`` to ``beta_range[1]``), the loss reduced as in BRECQ's
+   code (:func:`~.cache.rec_loss`: summed over channels, averaged over samples
+   and positions, which is what ``rounding_weight=0.01`` is tuned for); round
+   hard, keep round-to-nearest instead when it is better on the calibration
+   loss (``never_worse``), and store the weights.
 4. With ``act_bits``: attach activation quantizers (every quantized layer's
    input, every block's output), set their ranges by min/max over the
    calibration data, then learn their step sizes unit by unit (:mod:`.lsq`).
@@ -24,8 +28,11 @@ defaults (1,024 samples) on 224x224 ImageNet input, a ResNet-18 stage-1 block
 needs 1024 x (64x56x56 + 64x56x56) x 4 B ≈ 1.6 GB and the stem convolution,
 the largest unit, 1024 x (3x224x224 + 64x112x112) x 4 B ≈ 3.9 GB; on 32x32
 CIFAR input a ResNet-20 needs at most 1024 x 2 x 16x32x32 x 4 B = 128 MB. The
-largest cache of a run is reported (``peak_cache_bytes``) and bounded by
-``max_cache_mb`` (4096 by default); only one unit's cache exists at a time.
+largest cache of a run is reported (``peak_cache_bytes``). ``max_cache_mb``
+(4096 by default) bounds the cache plus one optimisation step's working set
+(measured on the first batch), and is checked before the cache is allocated;
+the cache is allocated once and filled in place, and only one unit's cache
+exists at a time, so the process's extra peak stays close to the limit.
 """
 
 from __future__ import annotations
@@ -47,7 +54,8 @@ from ..nn.fold import fold_bn_pairs
 from ..nn.layers import channel_axis
 from . import adaround
 from .blocks import Unit, build_units
-from .cache import Budget, NoData, UnitData, Unsupported, capture_inputs, capture_targets, eval_loss, fisher_labels, rec_loss
+from .cache import (NoData, UnitData, Unsupported, capture_inputs, capture_targets, check_cache_size, eval_loss,
+                    fisher_labels, probe_unit, rec_loss)
 from .common import MethodResult, QuantJob, check_optional_bits, check_type, observe_activations, plan_activations
 from .lsq import learn_step_sizes
 
@@ -84,7 +92,11 @@ class BrecqOptions:
         num_threads: torch CPU threads while reconstructing (restored afterwards); None keeps
             the current setting. Small blocks run fastest on 1 thread, especially on a
             shared machine. Default None.
-        max_cache_mb: limit on one unit's cache; ValueError beyond it. Default 4096.
+        max_cache_mb: limit on one unit's cache (inputs, targets and Fisher weights, float32),
+            checked before it is allocated; ValueError beyond it. Default 4096.
+        never_worse: per unit, keep round-to-nearest (weights) or the min/max step sizes
+            (activations) when they give a lower calibration loss than the learned ones.
+            Default True.
     """
 
     iters: int = 20000
@@ -106,6 +118,7 @@ class BrecqOptions:
     device: str = "cpu"
     num_threads: Optional[int] = None
     max_cache_mb: float = 4096.0
+    never_worse: bool = True
 
     def __post_init__(self) -> None:
         for name in ("iters", "act_iters"):
@@ -134,7 +147,7 @@ class BrecqOptions:
         self.beta_range = (float(self.beta_range[0]), float(self.beta_range[1]))
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
-        for name in ("keep_first_last_8bit", "quantize_block_outputs"):
+        for name in ("keep_first_last_8bit", "quantize_block_outputs", "never_worse"):
             check_type(getattr(self, name), bool, name)
         check_optional_bits(self.first_layer_input_bits, "first_layer_input_bits")
         check_optional_bits(self.last_layer_input_bits, "last_layer_input_bits")
@@ -152,9 +165,16 @@ class BrecqOptions:
 class UnitRecord:
     """One unit's reconstruction, as reported.
 
-    ``loss_before`` is round-to-nearest (weights phase) or min/max ranges
-    (activation phase); ``loss_after`` the result; both are the mean over all
-    cached samples of the per-sample summed squared (or Fisher-weighted) error.
+    Every loss is :func:`~mixquant.methods.cache.rec_loss` (squared error summed
+    over channels, averaged over samples and positions; Fisher-weighted with
+    ``loss="fisher"``) over all cached samples. Weights phase: ``loss_before``
+    is round-to-nearest on the initial (clipping-searched) grid, ``loss_soft``
+    the soft rounding at the end of the optimisation, ``loss_rounded`` the
+    learned rounding made hard, and ``loss_after`` the rounding kept
+    (``kept``: "adaround", or "nearest" when that was better, see
+    ``BrecqOptions.never_worse``). Activation phase: ``loss_before`` with the
+    min/max step sizes, ``loss_rounded`` with the learned ones, ``kept``
+    "learned" or "min/max".
     """
 
     unit: str
@@ -170,6 +190,9 @@ class UnitRecord:
     hard_fraction: Optional[float] = None
     note: str = ""
     median_iter_s: Optional[float] = None
+    loss_soft: Optional[float] = None
+    loss_rounded: Optional[float] = None
+    kept: str = ""
 
     @property
     def sec_per_iter(self) -> float:
@@ -186,19 +209,25 @@ class BrecqReport:
     seconds: float = 0.0
 
     def table(self) -> str:
-        """A readable table: unit, phase, bits, loss before → after, time, cache."""
-        rows = [("unit", "kind", "phase", "bits", "loss before", "loss after", "ms/iter", "cache MB")]
+        """A readable table: unit, phase, bits, losses (BRECQ's reduction, see :class:`UnitRecord`), kept, time, cache."""
+        def num(v: Optional[float]) -> str:
+            return "-" if v is None else f"{v:.4g}"
+
+        rows = [("unit", "kind", "phase", "bits", "loss before", "soft", "rounded", "loss after", "kept", "ms/iter",
+                 "cache MB")]
         for r in self.records:
             bits = ",".join(str(b) for b in r.bits.values())
             rows.append((
-                r.unit or "<model>", r.kind, r.phase, bits, f"{r.loss_before:.4g}", f"{r.loss_after:.4g}",
+                r.unit or "<model>", r.kind, r.phase, bits, num(r.loss_before), num(r.loss_soft), num(r.loss_rounded),
+                num(r.loss_after), r.kept or "-",
                 f"{(r.median_iter_s if r.median_iter_s is not None else r.sec_per_iter) * 1e3:.2f}",
                 f"{r.cache_bytes / 2**20:.1f}",
             ))
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
-        lines.append(f"peak cache {self.peak_cache_bytes / 2**20:.1f} MB, total {self.seconds:.1f} s")
+        lines.append(f"losses: squared error summed over channels, mean over samples and positions; "
+                     f"peak cache {self.peak_cache_bytes / 2**20:.1f} MB, total {self.seconds:.1f} s")
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -225,11 +254,21 @@ def _finish_layer(layer: nn.Module, rounding: adaround.AdaRound, weight: nn.Para
                                   rounding.ch_axis, rounding.group_size)
 
 
+def _set_mode(roundings: Dict[str, adaround.AdaRound], mode: str) -> None:
+    for r in roundings.values():
+        r.mode = mode
+
+
 def reconstruct_unit(
     unit: Unit, data: UnitData, model: nn.Module, job: QuantJob, opts: BrecqOptions,
     generator: torch.Generator, progress: bool,
 ) -> UnitRecord:
-    """AdaRound every layer of ``unit`` jointly on the cached data; store hard-rounded weights."""
+    """AdaRound every layer of ``unit`` jointly on the cached data; store the better hard rounding.
+
+    The learned rounding is compared on the whole calibration cache with
+    round-to-nearest on the same grid, and (``opts.never_worse``) the lower
+    loss is kept, so a unit never ends worse than its initialisation.
+    """
     layers = {name: model.get_submodule(name) for name in unit.layers}
     roundings: Dict[str, adaround.AdaRound] = {}
     originals: Dict[str, nn.Parameter] = {}
@@ -237,76 +276,92 @@ def reconstruct_unit(
         for name, layer in layers.items():
             roundings[name] = _init_rounding(layer, job.bits[name], job, opts, name)
             originals[name] = adaround.attach(layer, roundings[name])
-        for r in roundings.values():
-            r.mode = "nearest"
+        _set_mode(roundings, "nearest")
         before = eval_loss(unit.module, data, opts.batch_size)
-        for r in roundings.values():
-            r.mode = "soft"
-        seconds, median = 0.0, None
+        _set_mode(roundings, "soft")
+        seconds, median, soft = 0.0, None, None
         if opts.iters > 0:
-            seconds, median = _optimise(unit, data, list(roundings.values()), opts, generator, progress)
-        for r in roundings.values():
-            r.mode = "hard"
-        after = eval_loss(unit.module, data, opts.batch_size)
-        hard = sum(r.hard_fraction() * r.V.numel() for r in roundings.values()) / sum(r.V.numel() for r in roundings.values())
+            seconds, median = _optimise(unit, data, list(roundings.values()), opts, generator, progress, before)
+            soft = eval_loss(unit.module, data, opts.batch_size)
+        _set_mode(roundings, "hard")
+        rounded = eval_loss(unit.module, data, opts.batch_size)
+        numel = sum(r.V.numel() for r in roundings.values())
+        hard = sum(r.hard_fraction() * r.V.numel() for r in roundings.values()) / numel
     except BaseException:
         for name, weight in originals.items():  # leave the layers usable (float weights) on error
             adaround.detach(layers[name], weight)
         raise
+    kept = "nearest" if opts.never_worse and before < rounded else "adaround"
     for name, layer in layers.items():
-        _finish_layer(layer, roundings[name], originals[name], "hard")
+        _finish_layer(layer, roundings[name], originals[name], "nearest" if kept == "nearest" else "hard")
     return UnitRecord(unit.name, unit.kind, "weights", list(unit.layers), {n: job.bits[n] for n in unit.layers},
-                      before, after, opts.iters, seconds, data.nbytes, hard, median_iter_s=median)
+                      before, before if kept == "nearest" else rounded, opts.iters, seconds,
+                      data.nbytes, hard, median_iter_s=median, loss_soft=soft, loss_rounded=rounded, kept=kept)
 
 
 def make_step(
     module: nn.Module, data: UnitData, roundings: List[adaround.AdaRound], opts: BrecqOptions,
-    generator: torch.Generator,
-) -> Callable[[int], Tuple[torch.Tensor, torch.Tensor]]:
-    """One AdaRound iteration as a function ``step(it) -> (reconstruction loss, total loss)``.
+    generator: torch.Generator, backend: Optional[str] = None,
+) -> Tuple[Callable[[int], torch.Tensor], adaround.UnitRounding]:
+    """One AdaRound iteration as a function ``step(it) -> reconstruction loss``, and the unit's rounding state.
 
     A random batch of ``opts.batch_size`` cached samples, the unit's forward
-    with soft-rounded weights, the loss (plus the annealed regulariser after
-    the warm-up), and an Adam step on the rounding variables.
+    with soft-rounded weights, the loss's backward pass, then the fused step
+    (the regulariser, annealed, enters after the warm-up). Call
+    ``state.finish()`` when done.
     """
-    opt = torch.optim.Adam([r.V for r in roundings], lr=opts.lr)
+    state = adaround.UnitRounding(roundings, lr=opts.lr, backend=backend)
     sched = adaround.LinearTempDecay(opts.iters, opts.warmup, *opts.beta_range)
     n, device = len(data), data.x.device
+    lam = opts.rounding_weight
 
-    def step(it: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    def step(it: int) -> torch.Tensor:
         idx = torch.randperm(n, generator=generator)[: opts.batch_size].to(device)
         x, y, w = data.batch(idx)
-        rec = loss = rec_loss(module(x), y, w)
-        if not sched.in_warmup(it) and opts.rounding_weight > 0:
-            beta = sched(it)
-            loss = loss + opts.rounding_weight * sum(r.regularizer(beta) for r in roundings)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return rec, loss
+        rec = rec_loss(module(x), y, w, data.channel_dim)
+        rec.backward()
+        warm = sched.in_warmup(it) or lam == 0
+        state.step(0.0 if warm else lam, sched(it))
+        return rec.detach()
 
-    return step
+    return step, state
+
+
+def refresh_every(iters: int) -> int:
+    """Iterations between progress-bar updates of the loss: at most 50, at least every 10 % of ``iters``."""
+    return max(1, min(50, iters // 10))
 
 
 def _optimise(
     unit: Unit, data: UnitData, roundings: List[adaround.AdaRound], opts: BrecqOptions,
-    generator: torch.Generator, progress: bool,
+    generator: torch.Generator, progress: bool, start_loss: float,
 ) -> Tuple[float, float]:
-    """Run the AdaRound iterations; return (total seconds, median seconds per iteration)."""
-    step = make_step(unit.module, data, roundings, opts, generator)
+    """Run the AdaRound iterations; return (total seconds, median seconds per iteration).
+
+    The bar shows ``rec``, the reconstruction loss (the table's reduction) of
+    the soft rounding averaged over the batches since its last update, beside
+    ``start``, the table's "loss before" of round-to-nearest.
+    """
+    step, state = make_step(unit.module, data, roundings, opts, generator)
     bar = tqdm(total=opts.iters, desc=f"{unit.name or '<model>'} ({unit.kind})", disable=not progress, leave=False)
+    every = refresh_every(opts.iters)
     start = time.perf_counter()
     times: List[float] = []
+    acc, count = 0.0, 0
     try:
         for it in range(opts.iters):
             t_it = time.perf_counter()
-            rec, loss = step(it)
+            rec = step(it)
             times.append(time.perf_counter() - t_it)
-            if progress and (it % 50 == 0 or it == opts.iters - 1):
-                bar.set_postfix(rec=f"{float(rec.detach()):.4g}", total=f"{float(loss.detach()):.4g}", refresh=False)
+            if progress:
+                acc, count = acc + float(rec), count + 1
+                if (it + 1) % every == 0 or it == opts.iters - 1:
+                    bar.set_postfix(rec=f"{acc / count:.4g}", start=f"{start_loss:.4g}", refresh=False)
+                    acc, count = 0.0, 0
             bar.update(1)
     finally:
         bar.close()
+        state.finish()
     times.sort()
     return time.perf_counter() - start, times[len(times) // 2]
 
@@ -326,15 +381,23 @@ def _split(unit: Unit, model: nn.Module) -> List[Unit]:
     return [Unit(name, model.get_submodule(name), "layer", [name]) for name in unit.layers]
 
 
+def _channel_dim(unit: Unit) -> int:
+    """The output axis the loss sums over: the last one for a linear layer (``[N, ..., C]``), else 1 (``[N, C, ...]``)."""
+    return -1 if isinstance(unit.module, nn.Linear) else 1
+
+
 def _gather(
     unit: Unit, model: nn.Module, fp_model: nn.Module, x: torch.Tensor, labels: Optional[torch.Tensor],
     opts: BrecqOptions, device: torch.device,
 ) -> UnitData:
-    budget = Budget(opts.max_cache_mb * 2**20, f"unit {unit.name or '<model>'}")
-    inp = capture_inputs(model, unit.module, x, opts.batch_size, device, budget)
+    """The unit's cache; its size is checked against ``max_cache_mb`` before anything is allocated."""
     fp_unit = fp_model.get_submodule(unit.name) if unit.name else fp_model
-    out, wgt = capture_targets(fp_model, fp_unit, x, opts.batch_size, device, budget, labels, opts.fisher_damping)
-    return UnitData(inp, out, wgt)
+    shape = probe_unit(fp_model, fp_unit, x, opts.batch_size, device, fisher=labels is not None)
+    check_cache_size(shape, x.shape[0], labels is not None, opts.max_cache_mb * 2**20,
+                     f"unit {unit.name or '<model>'}")
+    inp = capture_inputs(model, unit.module, x, opts.batch_size, device, shape)
+    out, wgt = capture_targets(fp_model, fp_unit, x, opts.batch_size, device, shape, labels, opts.fisher_damping)
+    return UnitData(inp, out, wgt, _channel_dim(unit))
 
 
 def quantize_brecq(model: nn.Module, job: QuantJob, opts: BrecqOptions) -> MethodResult:
@@ -397,10 +460,12 @@ def _quantize_brecq(model: nn.Module, job: QuantJob, opts: BrecqOptions) -> Meth
                     stats = learn_step_sizes(
                         unit.module, data, iters=opts.act_iters, lr=opts.act_lr, batch_size=opts.batch_size,
                         generator=generator, progress=job.progress, desc=f"{unit.name or '<model>'} (act)",
+                        keep_better=opts.never_worse,
                     )
                     report.records.append(UnitRecord(
                         unit.name, unit.kind, "activations", list(unit.layers), {n: job.bits[n] for n in unit.layers},
                         stats["loss_before"], stats["loss_after"], stats["iters"], stats["seconds"], data.nbytes,
+                        loss_rounded=stats["loss_learned"], kept=stats["kept"],
                     ))
                     del data
     finally:

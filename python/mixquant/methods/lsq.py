@@ -11,7 +11,7 @@ where the min/max calibration put them.
 from __future__ import annotations
 
 import time
-from typing import List, Optional
+from typing import List
 
 import torch
 import torch.nn as nn
@@ -35,30 +35,39 @@ def learn_step_sizes(
     generator: torch.Generator,
     progress: bool = False,
     desc: str = "",
+    keep_better: bool = True,
 ) -> dict:
     """Optimise the scales of the activation quantizers in ``unit``; return losses and timing.
 
-    Returns a dict with ``loss_before``, ``loss_after``, ``iters``, ``seconds``
-    and ``quantizers`` (how many scales were learned).
+    The loss is :func:`~mixquant.methods.cache.rec_loss` (BRECQ's reduction).
+    With ``keep_better`` the initial (min/max) scales are restored when they
+    give a lower loss over all cached samples than the learned ones.
+
+    Returns a dict with ``loss_before`` (initial scales), ``loss_learned``,
+    ``loss_after`` (the scales kept), ``kept`` ("learned" or "min/max"),
+    ``iters``, ``seconds`` and ``quantizers`` (how many scales were learned).
     """
     quantizers: List[qmodules.ActQuantizer] = [q for _, q in qmodules.act_quantizers(unit)]
     before = eval_loss(unit, data, batch_size)
     if not quantizers or iters <= 0:
-        return {"loss_before": before, "loss_after": before, "iters": 0, "seconds": 0.0, "quantizers": len(quantizers)}
+        return {"loss_before": before, "loss_learned": before, "loss_after": before, "kept": "min/max", "iters": 0,
+                "seconds": 0.0, "quantizers": len(quantizers)}
     params = [q.scale for q in quantizers]
+    initial = [p.detach().clone() for p in params]
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=iters, eta_min=0.0)
     n = len(data)
     bar = tqdm(total=iters, desc=desc, disable=not progress, leave=False)
+    every = max(1, min(50, iters // 10))  # at least every 10 % of the unit
     start = time.perf_counter()
-    loss: Optional[torch.Tensor] = None
+    acc, count = 0.0, 0
     try:
         for it in range(iters):
             idx = torch.randperm(n, generator=generator)[:batch_size].to(data.x.device)
             x, y, w = data.batch(idx)
-            loss = rec_loss(unit(x), y, w)
+            loss = rec_loss(unit(x), y, w, data.channel_dim)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -66,13 +75,23 @@ def learn_step_sizes(
             with torch.no_grad():
                 for p in params:
                     p.clamp_(min=MIN_SCALE)
-            if progress and (it % 50 == 0 or it == iters - 1):
-                bar.set_postfix(loss=f"{float(loss.detach()):.4g}", refresh=False)
+            if progress:
+                acc, count = acc + float(loss.detach()), count + 1
+                if (it + 1) % every == 0 or it == iters - 1:
+                    bar.set_postfix(rec=f"{acc / count:.4g}", start=f"{before:.4g}", refresh=False)
+                    acc, count = 0.0, 0
             bar.update(1)
     finally:
         bar.close()
         for p in params:
             p.requires_grad_(False)
     seconds = time.perf_counter() - start
-    after = eval_loss(unit, data, batch_size)
-    return {"loss_before": before, "loss_after": after, "iters": iters, "seconds": seconds, "quantizers": len(quantizers)}
+    learned = eval_loss(unit, data, batch_size)
+    kept = "learned"
+    if keep_better and before < learned:
+        with torch.no_grad():
+            for p, p0 in zip(params, initial):
+                p.copy_(p0)
+        kept = "min/max"
+    return {"loss_before": before, "loss_learned": learned, "loss_after": learned if kept == "learned" else before,
+            "kept": kept, "iters": iters, "seconds": seconds, "quantizers": len(quantizers)}
