@@ -52,6 +52,13 @@ def _guard(w: Workers, what: str) -> Iterator[None]:
 _OPS = {"sum": "SUM", "max": "MAX", "min": "MIN"}
 
 
+def _staged(w: Workers, t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself where the backend takes it, else a contiguous CPU copy (gloo works on CPU tensors)."""
+    if (t.device.type != "cpu" and w.backend == "gloo") or not t.is_contiguous():
+        return t.detach().to("cpu", copy=True).contiguous()
+    return t
+
+
 def all_reduce_(w: Workers, t: torch.Tensor, op: str = "sum", what: str = "all-reduce") -> torch.Tensor:
     """Reduce ``t`` over all ranks, in place (``op``: "sum", "max" or "min"); return it.
 
@@ -63,7 +70,10 @@ def all_reduce_(w: Workers, t: torch.Tensor, op: str = "sum", what: str = "all-r
     import torch.distributed as dist
 
     with _guard(w, what):
-        dist.all_reduce(t, op=getattr(dist.ReduceOp, _OPS[op]))
+        staged = _staged(w, t)
+        dist.all_reduce(staged, op=getattr(dist.ReduceOp, _OPS[op]))
+        if staged is not t:
+            t.copy_(staged)
     return t
 
 
@@ -74,7 +84,10 @@ def broadcast_(w: Workers, t: torch.Tensor, src: int = 0, what: str = "broadcast
     import torch.distributed as dist
 
     with _guard(w, what):
-        dist.broadcast(t, src=src)
+        staged = _staged(w, t)
+        dist.broadcast(staged, src=src)
+        if staged is not t:
+            t.copy_(staged)
     return t
 
 
