@@ -147,6 +147,85 @@ def test_an_error_on_one_rank_is_raised_on_every_rank(tmp_path):
     assert not os.listdir(out)
 
 
+# ---- BRECQ with the calibration samples split between the ranks ----
+
+# 25 samples: blocks of 12 and 13; batches of 4, so some iterations find no member on one rank.
+BRECQ_OPTIONS = {"iters": 40, "batch_size": 4, "num_samples": 25, "act_bits": 4, "act_iters": 20,
+                 "loss": "fisher", "rounding_weight": 0.1}
+# Float32 summation order differs between 1 and 2 ranks (see mixquant.methods.data_parallel).
+# Measured on the test net: the weights phase's losses within 6e-8 relative, hard roundings
+# identical; step sizes within 4e-5 and the activation phase's losses within 5e-3 relative: Adam's
+# steps (lr 4e-4) are large next to an 8-bit step size (0.0045), so near the optimum, where the
+# gradient's sign is decided by its rounding, the two runs take a few different steps.
+REL_WEIGHTS, REL_SCALES, REL_ACT_LOSS = 1e-5, 1e-3, 2e-2
+
+
+def _brecq_job(tmp_path, world, name, options=BRECQ_OPTIONS, fail="none", at=0, nudge_on=None, **kw):
+    out = tmp_path / name
+    out.mkdir()
+    argv = [WORKER, "brecq", str(out), "--options", json.dumps(options), "--fail", fail, "--at", str(at)]
+    argv += [] if nudge_on is None else ["--nudge-on", str(nudge_on)]
+    return run_ranks(argv, world, **kw), out
+
+
+def _brecq_runs(tmp_path, name, world, **kw):
+    results, out = _brecq_job(tmp_path, world, name, **kw)
+    assert [r.returncode for r in results] == [0] * world, [r.stderr[-2000:] for r in results]
+    return [_read(out / f"rank{r}.json") for r in range(world)]
+
+
+def _close(a: float, b: float, rel: float) -> bool:
+    return abs(a - b) <= rel * max(abs(a), abs(b))
+
+
+def test_split_brecq_equals_single_process(tmp_path):
+    (one,) = _brecq_runs(tmp_path, "one", 1)
+    two = _brecq_runs(tmp_path, "two", 2)
+    # every rank ends with the same model and report (each with its own cache)
+    assert two[0]["weights"] == two[1]["weights"] and two[0]["act_scales"] == two[1]["act_scales"]
+    mine = [[{**r, "cache_bytes": None} for r in two[k]["records"]] for k in (0, 1)]
+    assert mine[0] == mine[1]
+    assert [r["cache_bytes"] * 12 for r in one["records"]] == [r["cache_bytes"] * 25 for r in two[0]["records"]]
+    got = two[0]
+    # hard roundings (and scales): every quantized weight bit-identical
+    assert got["weights"] == one["weights"]
+    assert [(r["unit"], r["phase"], r["kept"]) for r in got["records"]] == \
+        [(r["unit"], r["phase"], r["kept"]) for r in one["records"]]
+    assert {r["kept"] for r in one["records"]} >= {"adaround", "learned"}  # both phases learn something
+    for a, b in zip(one["records"], got["records"]):
+        for key in ("loss_before", "loss_soft", "loss_rounded", "loss_after", "hard_fraction"):
+            if a[key] is not None:
+                rel = REL_WEIGHTS if a["phase"] == "weights" else REL_ACT_LOSS
+                assert _close(a[key], b[key], rel), (a["unit"], a["phase"], key, a[key], b[key])
+        assert a["iters"] == b["iters"]
+    assert one["act_scales"].keys() == got["act_scales"].keys()
+    for k, v in one["act_scales"].items():
+        assert _close(v, got["act_scales"][k], REL_SCALES), (k, v, got["act_scales"][k])
+
+
+def test_ranks_whose_updates_differ_end_with_rank_0s_model(tmp_path):
+    # rank 1 takes twice the steps; each unit starts from rank 0's weights and step sizes everywhere
+    two = _brecq_runs(tmp_path, "nudged", 2, nudge_on=1)
+    assert two[0]["weights"] == two[1]["weights"] and two[0]["act_scales"] == two[1]["act_scales"]
+
+
+def test_a_rank_that_dies_during_reconstruction_is_an_error_on_the_other(tmp_path):
+    results, out = _brecq_job(tmp_path, 2, "died", fail="die", at=30, timeout_s=120, deadline=100)
+    assert results[1].returncode == 17
+    r0 = results[0]
+    assert r0.returncode == 2 and "worker error: RankFailure: rank 0 of 2: AdaRound iteration" in r0.stderr, \
+        r0.stderr[-2000:]
+    assert "another rank died, was killed or did not answer" in r0.stderr
+    assert r0.seconds < 60  # noticed from the closed connection, far below the 120 s timeout
+    assert not os.listdir(out)
+
+
+def test_too_few_samples_for_the_ranks_is_an_error(tmp_path):
+    results, _ = _brecq_job(tmp_path, 2, "few", options={**BRECQ_OPTIONS, "num_samples": 1})
+    assert [r.returncode for r in results] == [2, 2]
+    assert all("1 calibration samples cannot be shared by 2 ranks" in r.stderr for r in results)
+
+
 # ---- the command line under torchrun ----
 
 
@@ -178,6 +257,29 @@ def test_only_rank_0_checks_and_writes_the_output(tmp_path):
     assert [r.returncode for r in results] == [2, 2]
     assert "mixquant search (rank 0 of 2): error:" in results[0].stderr and "exists" in results[0].stderr
     assert "mixquant search (rank 1 of 2): error: rank 0 of 2 (checking --out):" in results[1].stderr
+
+
+def test_brecq_quantize_command_under_torchrun_equals_single_process(tmp_path):
+    from _quant_models import images, tiny_resnet
+    from safetensors.torch import load_file
+
+    config, calib = tmp_path / "bits.json", tmp_path / "calib.pt"
+    mixquant.uniform(tiny_resnet(), 3).save(config)
+    torch.save(images(20, size=8, seed=1), calib)
+    before = _fingerprint(str(tmp_path))
+    args = ["-m", "mixquant", "quantize", "_quant_models:tiny_resnet", "--config", str(config), "--method", "brecq",
+            "--calib", str(calib), "--iters", "20", "--num-samples", "20", "--batch-size", "4"]
+    (one,) = run_ranks([*args, "--out", str(tmp_path / "one.safetensors")], 1)
+    assert one.returncode == 0, one.stderr[-3000:]
+    res = torchrun([*args, "--out", str(tmp_path / "two.safetensors")])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("wrote ") == 1  # rank 0 prints and writes
+    assert "2 ranks: losses over every rank's samples; caches and times of this rank, which held 10 of them" \
+        in res.stderr  # the samples were split
+    a, b = load_file(tmp_path / "one.safetensors"), load_file(tmp_path / "two.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # codes, scales, biases: exactly
+    after = _fingerprint(str(tmp_path))
+    assert {k: after[k] for k in before} == before  # inputs never touched
 
 
 # ---- the pieces, in process ----

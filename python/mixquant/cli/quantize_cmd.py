@@ -101,6 +101,8 @@ def run(args: argparse.Namespace) -> int:
     w = join()  # under torchrun: BRECQ's ranks share the calibration data; rank 0 writes
     on_main(w, lambda: check_destination(args.out, args.overwrite), "checking --out")  # before the work
     model, config, calib, example, options = on_every(w, lambda: _inputs(args), "reading the inputs")
+    if args.method == "brecq" and w.distributed:
+        options["distributed"] = True  # every rank read the whole --calib; each reconstructs on its block
     qmodel = quantize(model, config, args.method, calib_data=calib, act_bits=args.act_bits,
                       per_channel=args.per_channel, seed=args.seed, progress=w.is_main, **options)
     if args.format == "onnx":
