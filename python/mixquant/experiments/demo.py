@@ -44,14 +44,24 @@ class DemoSettings:
     resize: int = 256
     size: int = 224
     brecq: Dict[str, Any] = field(default_factory=lambda: {
-        "iters": 40, "batch_size": 8, "num_samples": 32, "keep_first_last_8bit": False, "num_threads": None,
+        "iters": 40, "batch_size": 8, "num_samples": 32, "num_threads": None,
     })
 
     @classmethod
     def quick(cls, avg_bits: float = 4.0) -> "DemoSettings":
         return cls(avg_bits=avg_bits, photos=3, views=2, calib=8, resize=128, size=112,
-                   brecq={"iters": 2, "batch_size": 4, "num_samples": 8, "keep_first_last_8bit": False,
-                          "num_threads": None})
+                   brecq={"iters": 2, "batch_size": 4, "num_samples": 8, "num_threads": None})
+
+
+def calibration_crops(n: int, size: int, seed: int) -> torch.Tensor:
+    """``n`` random-resized ``size`` px crops of scikit-image's photos, interleaved so any prefix covers every photo."""
+    from mixquant import zoo
+
+    photos = zoo.unlabelled_photos()
+    per = -(-n // len(photos))
+    views = [zoo.imagenet_crops(img, n=per, mode="random", seed=1000 * seed + i, size=size)
+             for i, (img, _) in enumerate(photos)]
+    return torch.stack(views, 1).reshape(-1, *views[0].shape[1:])[:n].contiguous()
 
 
 def _check_out(out: str, overwrite: bool) -> None:
@@ -123,15 +133,11 @@ def run_demo(out: str = DEFAULT_OUT, *, overwrite: bool = False, quick: bool = F
                    for img, _, _ in photos])
     y = torch.tensor([label for _, label, _ in photos]).repeat_interleave(settings.views)
     center = torch.arange(len(photos)) * settings.views
-    calib_photos = zoo.unlabelled_photos()
-    per = -(-settings.calib // len(calib_photos))
-    views = [zoo.imagenet_crops(img, n=per, mode="random", seed=1000 * seed + i, size=settings.size)
-             for i, (img, _) in enumerate(calib_photos)]
-    calib = torch.stack(views, 1).reshape(-1, *views[0].shape[1:])[: settings.calib].contiguous()
+    calib = calibration_crops(settings.calib, settings.size, seed)
     fp_logits = _logits(model, x)
     fp = _metrics(fp_logits, fp_logits, y, center)
     log(f"      {len(photos)} labelled photos x {settings.views} views = {x.shape[0]} evaluation images, "
-        f"{calib.shape[0]} calibration crops from {len(calib_photos)} other photos; "
+        f"{calib.shape[0]} calibration crops from {len(zoo.unlabelled_photos())} other photos; "
         f"FP32 top-1 {fp['top1'] * len(photos):.0f}/{len(photos)}")
     step("load", t0)
 
