@@ -280,7 +280,7 @@ def run(name: str, build: Callable[[], nn.Module], probe: str, plain_fwd: Callab
     torch.manual_seed(0)
     model = randomize_bn(build())
     x = torch.randn(args.samples, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    cfg = mixquant.uniform(model, args.bits, errors=False)
+    cfg = mixquant.uniform(model, args.bits, errors=False, keep=mixquant.keep_first_last(model, x[:1]))
     folded = fold_bn(model)
     rec = {"network": name, "params": sum(p.numel() for p in model.parameters()), "layers": len(cfg.bits),
            "bits": args.bits, "iters": args.iters, "samples": args.samples, "batch_size": args.batch}
@@ -292,7 +292,7 @@ def run(name: str, build: Callable[[], nn.Module], probe: str, plain_fwd: Callab
 
     t = time.perf_counter()
     q = quantize(model, cfg, "brecq", calib_data=x, iters=args.iters, num_samples=args.samples,
-                 batch_size=args.batch, progress=False, keep_first_last_8bit=True)
+                 batch_size=args.batch, progress=False)
     rec["brecq_total_s"] = time.perf_counter() - t
     report = q.mixquant_report
     blocks = [r for r in report.records if r.kind == "block"]

@@ -25,14 +25,14 @@ import torch.nn as nn
 from ..allocation.bitconfig import BitConfig, layer_bytes
 from ..core.limits import MAX_ACT_BITS, MAX_BITS, MIN_ACT_BITS, MIN_BITS
 from ..methods import METHODS, AsymmetricOptions, BrecqOptions
-from ..methods.common import QuantJob, build_options, execution_order
+from ..methods.common import QuantJob, build_options
 from ..nn import qmodules
 from ..nn.calib import check_forward, collect_calib
 from ..nn.layers import channel_axis
+from ..nn.order import execution_order
 
-__all__ = ["quantize", "quant_info", "QuantInfo", "QuantState", "FIRST_LAST_BITS"]
+__all__ = ["quantize", "quant_info", "QuantInfo", "QuantState"]
 
-FIRST_LAST_BITS = 8
 Options = Union[AsymmetricOptions, BrecqOptions]
 
 
@@ -42,8 +42,8 @@ class QuantState:
 
     Attributes:
         method: "asymmetric" or "brecq".
-        config: the applied :class:`BitConfig` (first/last overrides included).
-        requested_bits: the bits of the config the caller passed.
+        config: the applied :class:`BitConfig` (the caller's, with the granularity actually used).
+        requested_bits: the bits of the config the caller passed (the same as ``config.bits``).
         per_channel, symmetric: weight quantizer settings.
         act_bits: the ``act_bits`` argument (None: weights only).
         input_act_bits: layer fqn → bits of its input quantizer.
@@ -189,8 +189,9 @@ def quantize(
     Args:
         model: a float model. It is not modified unless ``inplace``.
         config: a :class:`BitConfig` (from :func:`mixquant.search` or :func:`mixquant.uniform`)
-            that fits ``model``; every configured layer gets exactly its bits
-            (except the first/last-layer option of the method, see below).
+            that fits ``model``; every configured layer gets exactly its bits. To keep
+            the first and last layer at 8 bits, pin them in the config
+            (``keep=mixquant.keep_first_last(model, example_input)`` in :func:`mixquant.search`).
         method: "asymmetric" (vanilla round-to-nearest, :class:`AsymmetricOptions`)
             or "brecq" (:class:`BrecqOptions`).
         calib_data: a DataLoader, a tensor ``[N, ...]``, or an iterable of batches
@@ -206,10 +207,6 @@ def quantize(
         options: a prebuilt options object of the method.
         **method_options: fields of the method's options (overriding ``options``);
             an unknown name raises TypeError.
-
-    The method's ``keep_first_last_8bit`` raises the first and last layer (in
-    execution order) to at least 8 bits; the applied config is
-    ``qmodel.mixquant_state.config``.
 
     Returns:
         The quantized model, in eval mode (on ``BrecqOptions.device`` for BRECQ).
@@ -257,9 +254,6 @@ def quantize(
     order = execution_order(model, list(config.bits), None if x is None else x[:2])
 
     bits = dict(config.bits)
-    if opts.keep_first_last_8bit and order:
-        for name in {order[0], order[-1]}:
-            bits[name] = max(bits[name], FIRST_LAST_BITS)
     applied = _applied_config(config, model, bits, per_channel, symmetric)
     job = QuantJob(bits=bits, spec=applied.spec, act_bits=act_bits, order=order, calib_x=x, calib_y=y, seed=seed,
                    progress=progress)

@@ -9,7 +9,7 @@ the QEM or the budget rule (:mod:`mixquant.allocation.rules`); the result is a
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterable, Mapping, Optional
+from typing import Any, Dict, Iterable, Mapping, Optional
 
 import numpy as np
 import torch.nn as nn
@@ -21,8 +21,28 @@ from ..core.limits import DEFAULT_CANDIDATES, DEFAULT_P
 from ..core.spec import QuantizerSpec
 from ..core.tensors import check_bit_list, check_bits
 from ..nn.layers import FilterFn, channel_axis, find_layers
+from ..nn.order import first_last_layers
 
-__all__ = ["search", "uniform"]
+__all__ = ["search", "uniform", "keep_first_last", "FIRST_LAST_BITS"]
+
+#: Bits of the first and last layer when they are pinned (the common practice BRECQ's code follows).
+FIRST_LAST_BITS = 8
+
+
+def keep_first_last(model: nn.Module, example_input: Any, bits: int = FIRST_LAST_BITS, *,
+                    filter_fn: Optional[FilterFn] = None) -> Dict[str, int]:
+    """``{first layer: bits, last layer: bits}``, to pass as ``keep=`` to :func:`search` or :func:`uniform`.
+
+    The first and last quantizable layers are found in execution order by
+    running ``model`` once on ``example_input`` (:func:`mixquant.first_last_layers`)::
+
+        config = mixquant.search(model, avg_bits=4, keep=mixquant.keep_first_last(model, x[:1]))
+
+    A model with one quantizable layer gives a one-entry dict.
+    """
+    bits = check_bits(bits, "bits")
+    first, last = first_last_layers(model, example_input, filter_fn=filter_fn)
+    return {first: bits, last: bits}
 
 
 def _check_keep(keep: Optional[Mapping[str, int]], layers: Mapping[str, nn.Module]) -> Dict[str, int]:

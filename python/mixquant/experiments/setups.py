@@ -21,10 +21,12 @@ documented run).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
+
+from ..nn.order import first_last_layers
 
 __all__ = ["Scale", "Setup", "EvalData", "SETUP_NAMES", "build_setup", "first_last_layers"]
 
@@ -88,15 +90,6 @@ class Setup:
     calib_description: str = ""
     eval_description: str = ""
     batch_size: int = 250
-
-
-def first_last_layers(model: nn.Module, sample: torch.Tensor) -> Tuple[str, str]:
-    """Names of the first and last quantizable layer in execution order."""
-    from ..nn.layers import find_layers
-    from ..methods.common import execution_order
-
-    order = execution_order(model, list(find_layers(model)), sample[:1])
-    return order[0], order[-1]
 
 
 # --------------------------------------------------------------------------
