@@ -124,5 +124,6 @@ def test_cli_calibration_from_an_image_folder(tmp_path):
         Image.new("RGB", (40 + i, 30), color=(10 * i, 100, 200)).save(folder / f"{i}.png")
     x, y = load_inputs(str(folder), image_size=16)
     assert x.shape == (3, 3, 16, 16) and y is None
+    (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no images"):
-        load_inputs(str(tmp_path))  # holds only a folder
+        load_inputs(str(tmp_path / "empty"))

@@ -31,6 +31,7 @@ _EXPORTS = {
     "simd_level": "core.backend", "supported_simd_levels": "core.backend", "use_backend": "core.backend",
     "use_simd_level": "core.backend",
     "prepare_process": "core.runtime",
+    "BRECQ_PRESETS": "presets", "brecq_preset": "presets",
     "RoundoffError": "core.error", "roundoff_error": "core.error",
     "dequantize_tensor": "core.kernels", "fake_quantize_tensor": "core.kernels", "pack_bits": "core.kernels",
     "quantize_tensor": "core.kernels", "unpack_bits": "core.kernels",
@@ -60,6 +61,7 @@ if TYPE_CHECKING:  # what static tools see; at run time the names resolve in __g
     from .nn.fold import fold_bn
     from .nn.layers import channel_axis, find_layers, register_quantizable
     from .nn.order import first_last_layers
+    from .presets import BRECQ_PRESETS, brecq_preset
 
 
 def __getattr__(name: str) -> Any:
@@ -79,6 +81,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AsymmetricOptions",
+    "BRECQ_PRESETS",
+    "brecq_preset",
     "first_last_layers",
     "keep_first_last",
     "prepare_process",

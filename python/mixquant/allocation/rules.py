@@ -17,12 +17,9 @@ from typing import Dict, List, Mapping, Optional
 import numpy as np
 
 from ..core.error import RoundoffError
+from ..core.limits import DEFAULT_OBJECTIVE, OBJECTIVES, QEM_REFERENCES
 from .bitconfig import layer_bytes
 from .knapsack import InfeasibleBudget, solve_mckp
-
-OBJECTIVES = ("mse", "norm", "sse")
-QEM_REFERENCES = ("layer", "model")
-DEFAULT_OBJECTIVE = "norm"
 
 __all__ = ["OBJECTIVES", "QEM_REFERENCES", "DEFAULT_OBJECTIVE", "qem_bits", "budget_bits"]
 

@@ -1,16 +1,23 @@
-"""What several commands share: the MODEL and data options, and reading inputs from files."""
+"""What several commands share: the MODEL and data options, and reading inputs from files.
+
+torch is imported inside the functions, so that building a command's parser
+(``mixquant search --help``) stays instant.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
-from typing import Optional, Tuple
+from typing import TYPE_CHECKING, List, Optional, Tuple
 
-import torch
+from ..io.models import MODEL_HELP
 
-from ..io.models import MODEL_HELP, load_model
+if TYPE_CHECKING:
+    import torch
+    import torch.nn as nn
 
-__all__ = ["MODEL_HELP", "DATA_HELP", "load_model", "load_inputs", "add_data_options", "add_trust_file_option"]
+__all__ = ["MODEL_HELP", "DATA_HELP", "load_cli_model", "load_inputs", "add_data_options", "add_model_options",
+           "add_trust_file_option", "set_threads"]
 
 
 def add_trust_file_option(p: argparse.ArgumentParser) -> None:
@@ -19,19 +26,49 @@ def add_trust_file_option(p: argparse.ArgumentParser) -> None:
                    help="allow unpickling a whole module from MODEL (can run code from the file; only for trusted files)")
 
 
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """--weights and --trust-file: how MODEL is loaded."""
+    p.add_argument("--weights", metavar="FILE",
+                   help="load this state_dict into MODEL's model (a torch.save file read with "
+                   "torch.load(weights_only=True), or .safetensors); every key must match")
+    add_trust_file_option(p)
+
+
+def load_cli_model(args: argparse.Namespace, spec: Optional[str] = None) -> "nn.Module":
+    """MODEL (or ``spec``) loaded as the options in ``args`` say."""
+    from ..io.models import load_model
+
+    return load_model(spec or args.model, trust_file=args.trust_file, weights=getattr(args, "weights", None))
+
+
+def set_threads(threads: Optional[int]) -> None:
+    """``--threads``: torch's CPU threads (and so the native core's default)."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise ValueError("--threads must be >= 1")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 DATA_HELP = (
     "a .pt file read with torch.load(weights_only=True) holding a tensor [N, ...] of model-ready inputs, an "
     "(inputs, labels) tuple, or a dict with 'x' (and optionally 'y'); or a folder of images, each resized "
-    "(shorter side to --resize), centre-cropped to --image-size and normalised with the ImageNet mean/std"
+    "(shorter side to --resize), centre-cropped to --image-size and normalised with the ImageNet mean/std. "
+    "A folder of class subfolders (torchvision's ImageFolder layout, DIR/CLASS/image.jpg) gives labels: "
+    "the class index is the subfolder's position in sorted order"
 )
 
 
 def load_inputs(path: str, *, image_size: int = 224, resize: Optional[int] = None
-                ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Inputs (and labels, when the file has them) from a tensor file or a folder of images (see DATA_HELP)."""
+                ) -> "Tuple[torch.Tensor, Optional[torch.Tensor]]":
+    """Inputs (and labels, when the file or folder has them) from a tensor file or a folder of images (see DATA_HELP)."""
+    import torch
+
     if os.path.isdir(path):
-        return _load_folder(path, image_size, resize), None
+        return _load_folder(path, image_size, resize)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path!r} is neither a file nor a folder")
     try:
@@ -61,20 +98,60 @@ def load_inputs(path: str, *, image_size: int = 224, resize: Optional[int] = Non
     return x.float(), y
 
 
-def _load_folder(folder: str, image_size: int, resize: Optional[int]) -> torch.Tensor:
+def _images_in(folder: str, recursive: bool) -> List[str]:
+    """Image files under ``folder`` (sorted; hidden entries skipped), recursively or not."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if recursive else []
+        found += [os.path.join(root, f) for f in sorted(files)
+                  if not f.startswith(".") and f.lower().endswith(IMAGE_EXTS)]
+    return found
+
+
+def _class_folders(folder: str) -> List[str]:
+    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+
+
+def _load_folder(folder: str, image_size: int, resize: Optional[int]
+                 ) -> "Tuple[torch.Tensor, Optional[torch.Tensor]]":
+    """A flat folder of images (no labels), or class subfolders (labels by sorted subfolder name)."""
+    import torch
+
+    top = _images_in(folder, recursive=False)
+    classes = [c for c in _class_folders(folder) if _images_in(os.path.join(folder, c), recursive=True)]
+    if top and classes:
+        raise ValueError(f"folder {folder!r} holds images next to class subfolders ({classes[0]!r}, ...): put "
+                         "every image in its class folder, or use a flat folder without labels")
+    if not top and not classes:
+        raise ValueError(f"folder {folder!r} holds no images ({', '.join(IMAGE_EXTS)}), nor class subfolders "
+                         "with images")
+    if top:
+        return _read_images(top, image_size, resize), None
+    empty = [c for c in _class_folders(folder) if c not in classes]
+    if empty:  # a class without examples shifts every later label: refuse, as torchvision does
+        raise ValueError(f"class folder {os.path.join(folder, empty[0])!r} holds no images")
+    files: List[str] = []
+    labels: List[int] = []
+    for index, name in enumerate(classes):
+        found = _images_in(os.path.join(folder, name), recursive=True)
+        files += found
+        labels += [index] * len(found)
+    return _read_images(files, image_size, resize), torch.tensor(labels, dtype=torch.long)
+
+
+def _read_images(files: List[str], image_size: int, resize: Optional[int]) -> "torch.Tensor":
+    import torch
+
     from ..zoo import imagenet_preprocess
 
     try:
         from PIL import Image
     except ImportError as exc:  # pragma: no cover
         raise ImportError("reading a folder of images needs Pillow: pip install pillow") from exc
-    files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTS))
-    if not files:
-        raise ValueError(f"folder {folder!r} holds no images ({', '.join(IMAGE_EXTS)})")
     resize = resize or int(round(image_size * 256 / 224))
     out = []
     for f in files:
-        with Image.open(os.path.join(folder, f)) as im:
+        with Image.open(f) as im:
             out.append(imagenet_preprocess(im.convert("RGB"), resize=resize, size=image_size))
     return torch.stack(out)
 

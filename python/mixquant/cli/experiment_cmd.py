@@ -23,11 +23,12 @@ def _seeds(text: str):
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..experiments import METHODS, SETUP_NAMES
+    from ..experiments.names import METHODS, SETUP_NAMES
+    from . import COMMANDS
 
     p = sub.add_parser(
         "experiment",
-        help="run the MixQuant-vs-uniform experiments on real models and write the results report",
+        help=COMMANDS["experiment"][1],
         description="Compare MixQuant's per-layer bit-widths with uniform bit-widths at the same average weight "
         "bit-width, with vanilla asymmetric quantization (plus the QEM sweep, the budget objective study, "
         "per-tensor and all-layers-free variants) and with BRECQ, on MobileNetV2 (ImageNet photos), ResNet-20 "

@@ -12,6 +12,7 @@ import math
 __all__ = [
     "MIN_BITS", "MAX_BITS", "MIN_ACT_BITS", "MAX_ACT_BITS", "MAX_N_GRID", "DEFAULT_N_GRID",
     "DEFAULT_STEP", "DEFAULT_P", "DEFAULT_CANDIDATES", "MAX_CLIP_SCRATCH_BYTES", "CLIP_METHODS",
+    "OBJECTIVES", "DEFAULT_OBJECTIVE", "QEM_REFERENCES",
     "clip_grid_ok",
 ]
 
@@ -33,6 +34,10 @@ DEFAULT_CANDIDATES = range(2, 9)
 MAX_CLIP_SCRATCH_BYTES = 2**33
 #: Range rules: the zero-including min/max range, or the clipping search.
 CLIP_METHODS = ("minmax", "mse")
+#: The search's rules: per-layer errors the budget rule can sum, and the QEM references.
+OBJECTIVES = ("mse", "norm", "sse")
+DEFAULT_OBJECTIVE = "norm"
+QEM_REFERENCES = ("layer", "model")
 
 
 def clip_grid_ok(n_grid: int, step: float) -> bool:

@@ -27,9 +27,11 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
+from .names import DEMO_OUT
+
 __all__ = ["DemoSettings", "run_demo", "REPORT_FILES", "DEFAULT_OUT"]
 
-DEFAULT_OUT = "mixquant-report"
+DEFAULT_OUT = DEMO_OUT
 REPORT_FILES = ("report.md", "report.json", "bits.json", "comparison.png", "bits.png", "errors.png")
 
 

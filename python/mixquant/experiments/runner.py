@@ -30,12 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .setups import SCALES, SETUP_NAMES, EvalData, Scale, Setup, build_setup, first_last_layers
+from .names import METHODS, SETUP_NAMES
+from .setups import SCALES, EvalData, Scale, Setup, build_setup, first_last_layers
 
 __all__ = ["Job", "METHODS", "RECORD_KEYS", "run_experiments", "plan_jobs", "machine_info",
            "load_results", "save_results", "merge_results"]
 
-METHODS = ("asymmetric", "brecq")
 PIN_BITS = 8
 
 #: Keys of every record (``metrics`` holds ``top1``, ``agree``, ``kl`` and, for

@@ -21,12 +21,13 @@ documented run).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import nn
 
 from ..nn.order import first_last_layers
+from .names import SETUP_NAMES
 
 __all__ = ["Scale", "Setup", "EvalData", "SETUP_NAMES", "build_setup", "first_last_layers"]
 
@@ -259,7 +260,6 @@ def _builders() -> Dict[str, Callable[[Scale], Setup]]:
     }
 
 
-SETUP_NAMES: Sequence[str] = ("mobilenet_v2", "resnet20", "mnist_ccexam", "mnist_digit")
 
 
 def build_setup(name: str, scale: Scale) -> Setup:
