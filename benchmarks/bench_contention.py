@@ -17,15 +17,20 @@ Workloads (``--workloads``, comma-separated):
   block (``features.3``) with the demo's preset (batch 8, 32 calibration crops);
 * ``demo``: the whole ``mixquant demo`` (``--demo-quick`` for its test-sized run).
 
-``--variant NAME=ENV`` runs every workload again with extra environment
-variables (e.g. ``--variant active=OMP_WAIT_POLICY=ACTIVE`` to see what the
-fix avoids; ``;`` separates several variables). ``--threads`` sets
+Every child first sets up its process the way the ``mixquant`` command does
+(:func:`mixquant.prepare_process`: OpenMP's passive wait, malloc thresholds).
+The ``untuned`` variant (``MIXQUANT_PROCESS_TUNING=0``) runs the workloads
+named by ``--untuned`` (default ``search,brecq``) again without it, to show
+what the set-up fixes. ``--variant NAME=ENV`` adds runs with other
+environment variables (``;`` separates several, e.g.
+``--variant t1=OMP_NUM_THREADS=1``). ``--threads`` sets
 ``MIXQUANT_NUM_THREADS``/``--threads`` of the children (default: their default).
 
 One command, prints a table (and ``--json FILE`` writes the records)::
 
-    python benchmarks/bench_contention.py                      # search, brecq, demo
+    python benchmarks/bench_contention.py                      # search, brecq, demo (+ untuned search, brecq)
     python benchmarks/bench_contention.py --workloads search,brecq --repeat 3
+    python benchmarks/bench_contention.py --workloads demo --untuned demo   # the demo before/after (long)
 
 Needs the offline data (``bash scripts/install_data.sh``) for MobileNetV2 and the photos.
 """
@@ -210,6 +215,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--brecq-iters", type=int, default=200, help="AdaRound iterations of the 'brecq' unit (default 200)")
     ap.add_argument("--demo-quick", action="store_true", help="run 'mixquant demo --quick' instead of the full demo")
     ap.add_argument("--threads", type=int, default=0, help="threads of the children (default 0: their default)")
+    ap.add_argument("--untuned", default="search,brecq",
+                    help="workloads also run without the process set-up (default search,brecq; '' for none)")
     ap.add_argument("--variant", type=_variant, action="append", default=[],
                     help="also run with these environment variables: NAME=VAR=VALUE[;VAR=VALUE] (repeatable)")
     ap.add_argument("--json", help="write the records to this JSON file")
@@ -217,6 +224,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--worker", choices=WORKLOADS, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
+        from mixquant.core.runtime import prepare_process
+
+        prepare_process()  # what the mixquant command does first (a no-op with MIXQUANT_PROCESS_TUNING=0)
         {"search": _work_search, "brecq": _work_brecq, "demo": _work_demo}[args.worker](args)
         return 0
     workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
@@ -227,10 +237,11 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     print(f"{_cores()} cores, {platform.processor() or platform.machine()}, python {platform.python_version()}; "
           f"load average at start {_load()}", flush=True)
-    variants = [("default", {})] + list(args.variant)
+    untuned = {w.strip() for w in args.untuned.split(",") if w.strip()}
     records = []
     for workload in workloads:
-        for name, extra in variants:
+        variants = [("tuned", {})] + ([("untuned", {"MIXQUANT_PROCESS_TUNING": "0"})] if workload in untuned else [])
+        for name, extra in variants + list(args.variant):
             env = dict(os.environ, **extra)
             if args.threads:
                 env["MIXQUANT_NUM_THREADS"] = str(args.threads)

@@ -28,7 +28,7 @@ from ..methods import METHODS, AsymmetricOptions, BrecqOptions
 from ..methods.common import QuantJob, build_options
 from ..nn import qmodules
 from ..nn.calib import check_forward, collect_calib
-from ..nn.layers import channel_axis
+from ..nn.layers import channel_axis, is_scripted, submodule
 from ..nn.order import execution_order
 
 __all__ = ["quantize", "quant_info", "QuantInfo", "QuantState"]
@@ -135,7 +135,7 @@ def quant_info(qmodel: nn.Module) -> QuantInfo:
     num_params: Dict[str, int] = {}
     packed = qparams = 0
     for name, bits in state.config.bits.items():
-        layer = qmodel.get_submodule(name)
+        layer = submodule(qmodel, name)
         n = layer.weight.numel()
         groups = layer.weight_scale.numel()
         num_params[name] = n
@@ -160,11 +160,21 @@ def _already_quantized(model: nn.Module) -> bool:
     return hasattr(model, "mixquant_state") or any(qmodules.is_quantized_layer(m) for m in model.modules())
 
 
+def _check_scripted(method: str, act_bits: Optional[int], opts: Any) -> None:
+    """A TorchScript model's parameters can be replaced, its modules and hooks cannot: weights only, no BRECQ."""
+    refused = (f"method={method!r}" if method != "asymmetric" else
+               f"act_bits={act_bits}" if act_bits is not None else
+               "fold_bn=True" if getattr(opts, "fold_bn", False) else None)
+    if refused:
+        raise ValueError(f"a TorchScript model supports weight-only asymmetric quantization, not {refused}; "
+                         "load the model as an nn.Module (package.module:factory) for that")
+
+
 def _applied_config(config: BitConfig, model: nn.Module, bits: Dict[str, int], per_channel: bool, symmetric: bool) -> BitConfig:
     groups = dict(config.groups)
     if per_channel != config.per_channel:
         for name in bits:
-            layer = model.get_submodule(name)
+            layer = submodule(model, name)
             groups[name] = layer.weight.shape[channel_axis(layer)] if per_channel else 1
     return dataclasses.replace(config, bits=dict(bits), groups=groups, per_channel=per_channel, symmetric=symmetric)
 
@@ -237,6 +247,8 @@ def quantize(
     _check_bool(inplace, "inplace")
     if _already_quantized(model):
         raise ValueError("the model is already quantized; quantize a float model")
+    if is_scripted(model):
+        _check_scripted(method, act_bits, opts)
     config.check_model(model)
     for name, bits in config.bits.items():
         if not MIN_BITS <= bits <= MAX_BITS:

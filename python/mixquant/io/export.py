@@ -39,6 +39,7 @@ from ..core.kernels import pack_bits, quantize_tensor, unpack_bits
 from ..core.limits import MAX_ACT_BITS, MAX_BITS, MIN_ACT_BITS, MIN_BITS
 from ..nn import qmodules
 from ..nn.fold import apply_fold_structure
+from ..nn.layers import is_scripted, submodule
 from .files import write_bytes_atomic
 
 __all__ = ["export", "load_quantized", "ExportInfo", "FORMAT", "VERSION"]
@@ -114,7 +115,7 @@ def export(qmodel: nn.Module, path: PathLike, *, overwrite: bool = False) -> Exp
     layers_meta = {}
     packed_bytes = qparam_bytes = 0
     for name, bits in state.config.bits.items():
-        layer = qmodel.get_submodule(name)
+        layer = submodule(qmodel, name)
         codes = _layer_codes(layer, name)
         packed = torch.from_numpy(pack_bits(codes.reshape(-1), bits).copy())
         p = _prefix(name)
@@ -337,9 +338,10 @@ def load_quantized(path: PathLike, model: nn.Module) -> nn.Module:
     state_dict: Dict[str, torch.Tensor] = {}
     for name in config.bits:
         codes, scale, zp, bits, axis = _layer_tensors(tensors, name, layers_meta[name], config, path)
-        layer = work.get_submodule(name)
+        layer = submodule(work, name)
         qmodules.set_quantized_weight(layer, codes, scale, zp, bits, axis)
-        for key in ("weight", "weight_scale", "weight_zero_point"):
+        # a TorchScript layer holds its scale and zero point outside the state_dict
+        for key in ("weight",) if is_scripted(layer) else ("weight", "weight_scale", "weight_zero_point"):
             state_dict[_prefix(name) + key] = getattr(layer, key).detach()
     qmodules.attach_activations(work, inputs, outputs)
     expected = work.state_dict()
@@ -354,7 +356,8 @@ def load_quantized(path: PathLike, model: nn.Module) -> nn.Module:
         work.load_state_dict(state_dict, strict=True)
     except RuntimeError as exc:
         raise ValueError(f"{path!r} does not fit this model: {exc}") from None
-    work.to(device)
+    if not is_scripted(work):  # a TorchScript model stays where it was loaded (its .to() warns)
+        work.to(device)
     work.eval()
     work.mixquant_state = QuantState(
         method=str(metadata.get("method", "unknown")), config=config, requested_bits=dict(requested),

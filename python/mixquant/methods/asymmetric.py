@@ -14,7 +14,7 @@ from ..core.ranges import spec_qparams
 from ..core.spec import QuantizerSpec
 from ..nn import qmodules
 from ..nn.fold import fold_bn_pairs
-from ..nn.layers import channel_axis
+from ..nn.layers import channel_axis, submodule
 from .blocks import build_units
 from .common import MethodResult, QuantJob, check_optional_bits, check_type, observe_activations, plan_activations
 
@@ -90,7 +90,7 @@ def quantize_asymmetric(model: nn.Module, job: QuantJob, options: AsymmetricOpti
         result.folded_bn = fold_bn_pairs(model)
     spec = applied_spec(job, options)
     for name, bits in job.bits.items():
-        quantize_weights_rtn(model.get_submodule(name), bits, spec, name)
+        quantize_weights_rtn(submodule(model, name), bits, spec, name)
     if job.act_bits is not None:
         blocks = [u.name for u in build_units(model, job.bits, job.order) if u.kind == "block"]
         inputs, outputs = plan_activations(

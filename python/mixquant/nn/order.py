@@ -8,19 +8,9 @@ import torch
 import torch.nn as nn
 
 from .calib import eval_mode
-from .layers import FilterFn, find_layers
+from .layers import FilterFn, find_layers, is_scripted
 
-__all__ = ["execution_order", "first_last_layers", "submodule"]
-
-
-def submodule(model: nn.Module, name: str) -> nn.Module:
-    """``model.get_submodule(name)``, also for TorchScript models (which do not support it)."""
-    if not isinstance(model, torch.jit.ScriptModule):
-        return model.get_submodule(name)
-    modules = dict(model.named_modules())
-    if name not in modules:
-        raise AttributeError(f"{type(model).__name__} has no submodule {name!r}")
-    return modules[name]
+__all__ = ["execution_order", "first_last_layers"]
 
 
 def _ran(model: nn.Module, names: List[str], sample: Any) -> List[str]:
@@ -68,7 +58,7 @@ def first_last_layers(model: nn.Module, example_input: Any, *, filter_fn: Option
         ValueError: no quantizable layer ran on ``example_input``, or ``model``
             is TorchScript (its layers cannot be hooked; name them in ``keep=`` yourself).
     """
-    if isinstance(model, torch.jit.ScriptModule):
+    if is_scripted(model):
         raise ValueError("the execution order of a TorchScript model cannot be observed; name its first and last "
                          "layers in keep= yourself")
     if example_input is None:
