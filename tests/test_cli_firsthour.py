@@ -204,7 +204,9 @@ def test_quantize_presets_and_overrides(tmp_path, monkeypatch):
     base = ["quantize", "conftest:make_small_net", "--config", cfg, "--calib", calib, "--out", str(tmp_path / "q")]
     assert main(base + ["--method", "brecq"]) == 2
     assert {k: seen[k] for k in mixquant.BRECQ_PRESETS["cpu"]} == mixquant.BRECQ_PRESETS["cpu"]
-    assert seen["iters"] == 200 and seen["num_samples"] == 256
+    assert seen["iters"] == 200 and seen["num_samples"] == 256 and seen["num_threads"] == 1
+    assert main(base + ["--method", "brecq", "--threads", "2"]) == 2
+    assert seen["num_threads"] == 2
     assert main(base + ["--method", "brecq", "--preset", "paper", "--iters", "7"]) == 2
     assert seen["iters"] == 7 and seen["num_samples"] == 1024 and seen["act_iters"] == 5000
     assert main(base + ["--method", "asymmetric", "--preset", "cpu"]) == 2

@@ -14,9 +14,10 @@ _BRECQ_SIZES = ("iters", "act_iters", "num_samples", "batch_size")
 # reconstruction only, without caching.
 PRESET_HELP = (
     "brecq: the size of the run. 'cpu' (default): {cpu[iters]} iterations per unit ({cpu[act_iters]} for "
-    "activation steps), {cpu[num_samples]} samples, batch {cpu[batch_size]}: about 1 min for a ResNet-20 on "
+    "activation steps), {cpu[num_samples]} samples, batch {cpu[batch_size]}, one thread: about 1 min for a ResNet-20 on "
     "28x28 inputs and 20 min for MobileNetV2 at 224x224 on 2 cores. 'paper': BRECQ's ImageNet script, "
-    "{paper[iters]} iterations ({paper[act_iters]}), {paper[num_samples]} samples, batch {paper[batch_size]}: "
+    "{paper[iters]} iterations ({paper[act_iters]}), {paper[num_samples]} samples, batch {paper[batch_size]}, "
+    "torch's threads: "
     "about 2 h for the ResNet-20 and 70 h for MobileNetV2 on the same CPU (a GPU job). "
     "--iters, --act-iters, --num-samples and --batch-size override single fields"
 ).format(**BRECQ_PRESETS)
@@ -52,7 +53,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=None,
                    help=f"brecq: samples per iteration (default {cpu['batch_size']})")
     p.add_argument("--seed", type=int, default=0, help="seed of the random draws (default 0)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's; BRECQ: the preset's)")
     add_data_options(p)
     p.add_argument("--out", required=True, help="where to write the quantized model (.safetensors)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -72,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
     if args.method == "brecq":
         options = brecq_preset(args.preset or DEFAULT_PRESET)
         options.update({n: getattr(args, n) for n in _BRECQ_SIZES if getattr(args, n) is not None})
+        if args.threads is not None:  # an explicit --threads wins over the preset's
+            options["num_threads"] = args.threads
     else:
         given = [f"--{n.replace('_', '-')}" for n in _BRECQ_SIZES + ("preset",) if getattr(args, n) is not None]
         if given:

@@ -46,13 +46,13 @@ class DemoSettings:
     resize: int = 256
     size: int = 224
     brecq: Dict[str, Any] = field(default_factory=lambda: {
-        "iters": 40, "batch_size": 8, "num_samples": 32, "num_threads": None,
+        "iters": 40, "batch_size": 8, "num_samples": 32, "num_threads": 1,
     })
 
     @classmethod
     def quick(cls, avg_bits: float = 4.0) -> "DemoSettings":
         return cls(avg_bits=avg_bits, photos=3, views=2, calib=8, resize=128, size=112,
-                   brecq={"iters": 2, "batch_size": 4, "num_samples": 8, "num_threads": None})
+                   brecq={"iters": 2, "batch_size": 4, "num_samples": 8, "num_threads": 1})
 
 
 def calibration_crops(n: int, size: int, seed: int) -> torch.Tensor:
