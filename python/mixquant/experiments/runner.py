@@ -115,6 +115,7 @@ def plan_jobs(setup: Setup, scale: Scale, methods: Sequence[str], seeds: Sequenc
     """Every run of one model, in execution order (cheap ones first)."""
     m = setup.name
     full = scale.full_grid
+    seeds = list(seeds)[: scale.max_seeds] if scale.max_seeds else list(seeds)
     jobs: List[Job] = []
     if "asymmetric" in methods:
         if full:
