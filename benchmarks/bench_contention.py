@@ -8,13 +8,15 @@ system time come from ``os.wait4``; the table gives
 
 * ``wall x``: loaded wall / idle wall (goal: at most 2.5),
 * ``cpu x``: loaded (user + system) / idle (user + system) (goal: at most 1.3),
-* ``sys %``: system time / user time when idle (goal: under 10 %).
+* ``sys %``: system time / user time when idle (goal: under 10 %);
+* ``RSS MB``: the child's peak resident memory (the heap keeps freed blocks).
 
 Workloads (``--workloads``, comma-separated):
 
 * ``search``: ``mixquant.search`` of MobileNetV2 (budget rule, 2..8 bits), repeated;
 * ``brecq``: BRECQ's reconstruction of one MobileNetV2 inverted-residual
-  block (``features.3``) with the demo's preset (batch 8, 32 calibration crops);
+  block (``--brecq-unit``, default ``features.2``, the demo's slowest) with the
+  demo's preset (batch 8, 32 calibration crops, one thread);
 * ``demo``: the whole ``mixquant demo`` (``--demo-quick`` for its test-sized run).
 
 Every child first sets up its process the way the ``mixquant`` command does
@@ -82,11 +84,13 @@ def _work_brecq(args: argparse.Namespace) -> None:
     for p in model.parameters():
         p.requires_grad_(False)
     fp_model = __import__("copy").deepcopy(model)
-    name = "features.3"
+    name = args.brecq_unit
     unit = Unit(name, model.get_submodule(name), "block",
                 [n for n in config.bits if n.startswith(name + ".")])
     opts = BrecqOptions(iters=args.brecq_iters, batch_size=settings.brecq["batch_size"],
                         num_samples=settings.brecq["num_samples"])
+    if settings.brecq.get("num_threads"):
+        torch.set_num_threads(settings.brecq["num_threads"])  # as quantize_brecq does
     job = QuantJob(bits=dict(config.bits), spec=config.spec, act_bits=None, order=list(config.bits),
                    calib_x=calib, calib_y=None, progress=False)
     data = _gather(unit, model, fp_model, calib, None, opts, torch.device("cpu"))
@@ -122,7 +126,8 @@ def _cores() -> int:
 def _child(workload: str, args: argparse.Namespace, env: Dict[str, str]) -> Dict[str, float]:
     """Run one workload in a fresh interpreter; its wall, user and system seconds."""
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", workload,
-           "--search-repeat", str(args.search_repeat), "--brecq-iters", str(args.brecq_iters)]
+           "--search-repeat", str(args.search_repeat), "--brecq-iters", str(args.brecq_iters),
+           "--brecq-unit", args.brecq_unit]
     if args.demo_quick:
         cmd.append("--demo-quick")
     if args.threads:
@@ -138,7 +143,8 @@ def _child(workload: str, args: argparse.Namespace, env: Dict[str, str]) -> Dict
     if proc.returncode:
         raise RuntimeError(f"workload {workload!r} failed ({proc.returncode}):\n{err[-3000:]}")
     return {"wall": wall, "user": usage.ru_utime, "sys": usage.ru_stime, "load": load,
-            "ctx_invol": usage.ru_nivcsw, "ctx_vol": usage.ru_nvcsw, "minflt": usage.ru_minflt}
+            "ctx_invol": usage.ru_nivcsw, "ctx_vol": usage.ru_nvcsw, "minflt": usage.ru_minflt,
+            "max_rss_mb": usage.ru_maxrss / 1024}
 
 
 def _competitors(n: int) -> List[subprocess.Popen]:
@@ -176,7 +182,7 @@ def measure(workload: str, args: argparse.Namespace, env: Dict[str, str]) -> Dic
 
 def _table(records: List[Dict[str, object]]) -> str:
     head = ("workload", "variant", "idle wall", "idle user", "idle sys", "load", "busy wall", "busy user",
-            "busy sys", "load", "wall x", "cpu x", "sys %", "goals")
+            "busy sys", "load", "wall x", "cpu x", "sys %", "RSS MB", "goals")
     rows = [head]
     for r in records:
         i, b = r["idle"], r["loaded"]
@@ -184,6 +190,7 @@ def _table(records: List[Dict[str, object]]) -> str:
         rows.append((r["workload"], r["variant"], f"{i['wall']:.1f}", f"{i['user']:.1f}", f"{i['sys']:.1f}",
                      i["load"], f"{b['wall']:.1f}", f"{b['user']:.1f}", f"{b['sys']:.1f}", b["load"],
                      f"{r['wall_ratio']:.2f}", f"{r['cpu_ratio']:.2f}", f"{100 * r['sys_share']:.1f}",
+                     f"{max(i['max_rss_mb'], b['max_rss_mb']):.0f}",
                      "ok" if all(ok) else "MISSED " + ",".join(k for k, good in zip(("wall", "cpu", "sys"), ok)
                                                               if not good)))
     widths = [max(len(str(row[c])) for row in rows) for c in range(len(head))]
@@ -213,6 +220,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--repeat", type=int, default=1, help="runs per cell; the median-wall run is reported (default 1)")
     ap.add_argument("--search-repeat", type=int, default=20, help="searches per 'search' run (default 20)")
     ap.add_argument("--brecq-iters", type=int, default=200, help="AdaRound iterations of the 'brecq' unit (default 200)")
+    ap.add_argument("--brecq-unit", default="features.2",
+                    help="the MobileNetV2 block the 'brecq' workload reconstructs (default features.2, 112x112 input)")
     ap.add_argument("--demo-quick", action="store_true", help="run 'mixquant demo --quick' instead of the full demo")
     ap.add_argument("--threads", type=int, default=0, help="threads of the children (default 0: their default)")
     ap.add_argument("--untuned", default="search,brecq",

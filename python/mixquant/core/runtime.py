@@ -10,16 +10,20 @@ Two causes were measured (``benchmarks/bench_contention.py``, docs/BENCHMARKS.md
   ``OMP_WAIT_POLICY=PASSIVE`` makes them sleep instead. libgomp reads it once,
   when it is loaded (that is, when torch is imported), so it must be set
   before ``import torch``.
-* **Page faults from the allocator.** glibc's malloc returns large blocks to
-  the kernel when they are freed (``mmap``/``munmap``, heap trimming), so every
-  reconstruction iteration faulted its activations' pages in again: system time
-  was a third to a half of the user time. Raising the mmap and trim thresholds
-  (``mallopt``) keeps freed blocks in the heap for the next iteration. This can
-  be done at any time and applies to later allocations.
+* **Page faults from the allocator.** glibc's malloc gives large blocks their
+  own mapping and returns it to the kernel when they are freed (``mmap``/``munmap``,
+  and heap trimming), so every reconstruction iteration faulted its
+  activations' pages in again: system time was a third to a half of the user
+  time. The mmap threshold cannot be raised above 32 MiB, and a batch of
+  MobileNetV2 activations at 112x112 is larger, so the set-up serves every
+  block from the heap (``M_MMAP_MAX=0``) and keeps up to 1 GiB of freed memory
+  there (``M_TRIM_THRESHOLD``) for the next iteration. This can be done at any
+  time and applies to later allocations; the cost is a process that holds on to
+  its peak heap, which is what a quantization job wants.
 
 :func:`prepare_process` applies both, unless the user chose otherwise through
 the environment (``OMP_WAIT_POLICY``, ``GOMP_SPINCOUNT``, ``GLIBC_TUNABLES``,
-``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, or
+``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_MMAP_MAX_``, or
 ``MIXQUANT_PROCESS_TUNING=0`` for none of this). The ``mixquant`` command calls
 it first thing; a Python program can call it before it imports torch. This
 module imports neither torch nor the rest of mixquant.
@@ -34,19 +38,17 @@ import platform
 import sys
 from typing import Dict
 
-__all__ = ["prepare_process", "tune_malloc", "MMAP_THRESHOLD", "TRIM_THRESHOLD"]
+__all__ = ["prepare_process", "tune_malloc", "TRIM_THRESHOLD"]
 
-#: Blocks below this size come from the heap, not from their own mapping (glibc's maximum, 32 MiB on 64-bit).
-MMAP_THRESHOLD = 32 * 2**20
 #: Free memory kept at the top of the heap before it is given back to the kernel.
 TRIM_THRESHOLD = 1 * 2**30
 
 # mallopt parameter numbers (glibc's malloc.h).
 _M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
+_M_MMAP_MAX = -4
 
 _OPENMP_ENV = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
-_MALLOC_ENV = ("GLIBC_TUNABLES", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+_MALLOC_ENV = ("GLIBC_TUNABLES", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_MAX_")
 
 
 def _disabled() -> bool:
@@ -54,7 +56,7 @@ def _disabled() -> bool:
 
 
 def tune_malloc() -> bool:
-    """Raise glibc malloc's mmap and trim thresholds (see the module docstring); True if applied.
+    """Serve every block from glibc malloc's heap and keep freed memory there (see the module docstring); True if applied.
 
     Does nothing (False) on a C library other than glibc, when the environment
     already sets malloc's thresholds, or with ``MIXQUANT_PROCESS_TUNING=0``.
@@ -69,7 +71,7 @@ def tune_malloc() -> bool:
     except (OSError, AttributeError):  # pragma: no cover - glibc always has it
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    ok = mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+    ok = mallopt(_M_MMAP_MAX, 0) == 1
     return bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1 and ok)
 
 
