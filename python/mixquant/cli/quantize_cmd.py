@@ -62,6 +62,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def calib_count(calib) -> int:
+    """Samples in --calib as run() hands it on (a tensor, or one (inputs, labels) batch)."""
+    return 0 if calib is None else int((calib if not isinstance(calib, list) else calib[0][0]).shape[0])
+
+
 def run(args: argparse.Namespace) -> int:
     from ..allocation.bitconfig import BitConfig
     from ..api.quantize import quant_info, quantize
@@ -90,6 +95,11 @@ def run(args: argparse.Namespace) -> int:
     elif args.method == "brecq" or args.act_bits is not None:
         raise ValueError(f"--calib is required with --method {args.method}" if args.method == "brecq"
                          else "--calib is required with --act-bits")
+    what = (f"BRECQ, preset {args.preset or DEFAULT_PRESET} ({options['iters']} iterations per unit on "
+            f"{min(options['num_samples'], calib_count(calib))} samples, batch {options['batch_size']}; a progress bar "
+            "per unit shows its time left)" if args.method == "brecq" else "vanilla asymmetric round-to-nearest")
+    print(f"quantizing {args.model}: {len(config.bits)} layers at an average of {config.avg_bits:.3f} bits with {what}",
+          flush=True)
     qmodel = quantize(model, config, args.method, calib_data=calib, act_bits=args.act_bits,
                       per_channel=args.per_channel, seed=args.seed, progress=True, **options)
     info = export(qmodel, args.out, overwrite=args.overwrite)  # atomic: temporary file + rename
