@@ -26,7 +26,8 @@ named by ``--untuned`` (default ``search,brecq``) again without it, to show
 what the set-up fixes. ``--variant NAME=ENV`` adds runs with other
 environment variables (``;`` separates several, e.g.
 ``--variant t1=OMP_NUM_THREADS=1``). ``--threads`` sets
-``MIXQUANT_NUM_THREADS``/``--threads`` of the children (default: their default).
+``MIXQUANT_NUM_THREADS``/``--threads`` of the children and the BRECQ unit's torch threads
+(default: their default; the BRECQ unit uses the demo's preset, one thread).
 
 One command, prints a table (and ``--json FILE`` writes the records)::
 
@@ -89,8 +90,9 @@ def _work_brecq(args: argparse.Namespace) -> None:
                 [n for n in config.bits if n.startswith(name + ".")])
     opts = BrecqOptions(iters=args.brecq_iters, batch_size=settings.brecq["batch_size"],
                         num_samples=settings.brecq["num_samples"])
-    if settings.brecq.get("num_threads"):
-        torch.set_num_threads(settings.brecq["num_threads"])  # as quantize_brecq does
+    threads = args.threads or settings.brecq.get("num_threads")
+    if threads:
+        torch.set_num_threads(threads)  # as quantize_brecq does with the demo's preset
     job = QuantJob(bits=dict(config.bits), spec=config.spec, act_bits=None, order=list(config.bits),
                    calib_x=calib, calib_y=None, progress=False)
     data = _gather(unit, model, fp_model, calib, None, opts, torch.device("cpu"))

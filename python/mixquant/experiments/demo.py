@@ -51,12 +51,13 @@ class DemoSettings:
     # The accuracy-against-bits curve (vanilla asymmetric): uniform bit-widths and MixQuant averages.
     curve_uniform: Tuple[int, ...] = (3, 4, 5, 6, 8)
     curve_mixquant: Tuple[float, ...] = (3.0, 3.5, 4.0, 4.5, 5.0, 6.0)
+    curve_views: int = 2  # views per photo the curve is measured on (the first ones: centre, top-left)
 
     @classmethod
     def quick(cls, avg_bits: float = 4.0) -> "DemoSettings":
         return cls(avg_bits=avg_bits, photos=3, views=2, calib=8, resize=128, size=112,
                    brecq={"iters": 2, "batch_size": 4, "num_samples": 8, "num_threads": 1},
-                   curve_uniform=(4, 8), curve_mixquant=(3.0, 6.0))
+                   curve_uniform=(4, 8), curve_mixquant=(3.0, 6.0), curve_views=1)
 
 
 def calibration_crops(n: int, size: int, seed: int) -> torch.Tensor:
@@ -175,6 +176,7 @@ def run_demo(out: str = DEFAULT_OUT, *, overwrite: bool = False, quick: bool = F
            f"{b.get('num_threads') or 'default'} thread(s))" if brecq else ""))
     t0 = time.perf_counter()
     qmodels = []
+    asym_models: Dict[Tuple[str, float], torch.nn.Module] = {}  # reused by the curve
     brecq_seconds: List[float] = []
     for i, (method, label, cfg) in enumerate(jobs, 1):
         eta = (f"; about {brecq_seconds[-1]:.0f} s, like the previous BRECQ run" if method == "brecq" and brecq_seconds
@@ -191,6 +193,8 @@ def run_demo(out: str = DEFAULT_OUT, *, overwrite: bool = False, quick: bool = F
             brecq_seconds.append(secs)
         log(f"            done in {secs:.1f} s")
         qmodels.append((method, label, cfg, qmodel, secs))
+        if method == "asymmetric":
+            asym_models[("MixQuant", settings.avg_bits) if label == "MixQuant" else ("uniform", float(cfg.avg_bits))] = qmodel
     step("quantize", t0)
 
     # 4. evaluate -------------------------------------------------------------
@@ -212,26 +216,24 @@ def run_demo(out: str = DEFAULT_OUT, *, overwrite: bool = False, quick: bool = F
 
     # 5. accuracy against average bits ----------------------------------------
     t0 = time.perf_counter()
-    done = {("uniform", r["avg_bits"]): r for r in runs if r["method"] == "asymmetric" and r["config"] != "MixQuant"}
-    done.update({("MixQuant", settings.avg_bits): r for r in runs if r["method"] == "asymmetric"
-                 and r["config"] == "MixQuant"})
+    views = min(settings.curve_views, settings.views)
+    sub = (torch.arange(len(photos))[:, None] * settings.views + torch.arange(views)[None, :]).reshape(-1)
+    xs, fp_sub = x[sub], fp_logits[sub]
     points = [("uniform", float(v)) for v in settings.curve_uniform] + [("MixQuant", v) for v in settings.curve_mixquant]
-    todo = [p for p in points if p not in done]
-    log(f"[5/{steps}] accuracy against average bits: {len(todo)} more vanilla asymmetric models "
+    log(f"[5/{steps}] accuracy against average bits on {xs.shape[0]} images ({views} views per photo): "
+        f"{sum(p not in asym_models for p in points)} more vanilla asymmetric models "
         f"(uniform {', '.join(str(v) for v in settings.curve_uniform)}; MixQuant at "
         f"{', '.join(f'{v:g}' for v in settings.curve_mixquant)} bits)")
     curve = []
     for selector, level in points:
-        if (selector, level) in done:
-            r = done[(selector, level)]
-        else:
+        q = asym_models.get((selector, level))
+        if q is None:
             cfg = (mixquant.uniform(model, int(level), errors=False) if selector == "uniform"
                    else mixquant.search(model, range(2, 9), avg_bits=level))
             q = mixquant.quantize(model, cfg, "asymmetric", progress=False)
-            r = {"avg_bits": cfg.avg_bits, "size_bytes": cfg.size_bytes,
-                 "metrics": _metrics(_logits(q, x), fp_logits, y, center)}
-        curve.append({"selector": selector, "level": level, "avg_bits": r["avg_bits"], "size_bytes": r["size_bytes"],
-                      "metrics": r["metrics"]})
+        info_q = mixquant.quant_info(q)
+        curve.append({"selector": selector, "level": level, "avg_bits": info_q.avg_bits, "size_bytes": info_q.size_bytes,
+                      "metrics": _metrics(_logits(q, xs), fp_sub, y[sub], torch.arange(len(photos)) * views)})
     step("curve", t0)
 
     # 6. report -----------------------------------------------------------------
@@ -249,7 +251,8 @@ def run_demo(out: str = DEFAULT_OUT, *, overwrite: bool = False, quick: bool = F
                      "calib_images": int(calib.shape[0]), "image_size": settings.size, "brecq": settings.brecq},
         "data": {"evaluation": "foolbox's labelled ImageNet photos, grid views (5 crops + mirrors)",
                  "calibration": "random-resized crops of scikit-image's natural photos (disjoint from evaluation)"},
-        "fp32": {**fp, "size_bytes": fp32_bytes}, "runs": runs, "curve": curve, "layers": layers,
+        "fp32": {**fp, "size_bytes": fp32_bytes}, "runs": runs, "curve": curve, "curve_images": int(xs.shape[0]),
+        "layers": layers,
         "bits": dict(config.bits), "brecq_units": brecq_units, "timings_s": timings, "machine": machine_info(),
     }
     info = {
@@ -265,7 +268,7 @@ def run_demo(out: str = DEFAULT_OUT, *, overwrite: bool = False, quick: bool = F
                     title=f"MobileNetV2, average {settings.avg_bits:g} weight bits, {x.shape[0]} views of "
                           f"{len(photos)} photos")
     bits_curve_plot(curve, fp, os.path.join(out, "curve.png"),
-                    title=f"MobileNetV2, vanilla asymmetric (per channel), {x.shape[0]} views of {len(photos)} photos")
+                    title=f"MobileNetV2, vanilla asymmetric (per channel), {xs.shape[0]} views of {len(photos)} photos")
     timings["report"] = round(time.perf_counter() - t0, 2)
     timings["total"] = round(time.perf_counter() - t_start, 2)
     report["timings_s"] = timings

@@ -99,7 +99,8 @@ def markdown(report: Dict[str, Any], table: str) -> str:
         "",
         "## Accuracy against average bits",
         "",
-        "Vanilla asymmetric quantization at several averages: uniform bit-widths and MixQuant's budget rule.",
+        "Vanilla asymmetric quantization at several averages: uniform bit-widths and MixQuant's budget rule, "
+        f"measured on {report['curve_images']} of the images (the first views of each photo).",
         "",
         "![agreement and KL against average weight bits](curve.png)",
         "",
