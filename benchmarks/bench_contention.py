@@ -135,12 +135,14 @@ def _child(workload: str, args: argparse.Namespace, env: Dict[str, str]) -> Dict
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     load = _load()
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL if not args.verbose else None,
-                            stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    with tempfile.TemporaryFile() as log:  # a file, not a pipe: progress bars must never block the child
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL if not args.verbose else None,
+                                stderr=None if args.verbose else log)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        log.seek(0)
+        err = log.read().decode(errors="replace")
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode:
         raise RuntimeError(f"workload {workload!r} failed ({proc.returncode}):\n{err[-3000:]}")
