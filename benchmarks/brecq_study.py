@@ -9,7 +9,8 @@ Configs are chosen by *selectors* (``SELECTORS``): ``uniform`` (every layer at
 ``b`` bits) and ``mixquant-norm`` (the data-free budget rule, objective
 ``norm``, at a level's average, see ``target_avg``) and ``mixquant-fisher`` (the
 same budget with the data-aware ``sensitivity="fisher"`` measured on 256
-calibration images). The first and last layer
+calibration images) and ``mixquant-model`` (the same with ``sensitivity="model"``,
+the data-aware default). The first and last layer
 are pinned at 8 bits in every config. Another selector (a data-aware rule, for
 instance) is one more entry in ``SELECTORS`` and one more name in ``--grid``.
 
@@ -25,8 +26,8 @@ equal), so one run gives both "W" and "W/A" numbers.
 
 Grids (``--grid``): ``done-when`` (ResNet-20, uniform W2 / W3, 0, 500 and 2000
 iterations, seeds 0 and 1), ``item4`` (the long-run comparison, in priority
-order), ``fisher`` (the data-aware rule at 2,000 iterations, ResNet-20 and the digit
-CNN, seeds 0 and 1) and ``mobilenet`` (MobileNetV2, uniform 3 against MixQuant at its
+order), ``data`` and ``fisher`` (a data-aware rule, ``model`` or ``fisher``, at 2,000
+iterations, ResNet-20 and the digit CNN, seeds 0 and 1) and ``mobilenet`` (MobileNetV2, uniform 3 against MixQuant at its
 average). Run them under ``nice -n 10`` with one torch thread::
 
     nice -n 10 python benchmarks/brecq_study.py --grid done-when,item4 --results /tmp/brecq-study.jsonl
@@ -90,6 +91,7 @@ def _grid(model: str, configs: Iterable[Tuple[str, float]], iters: Iterable[int]
 R20 = [("uniform", 2), ("uniform", 3), ("mixquant-norm", 2.5), ("mixquant-norm", 3), ("mixquant-norm", 2)]
 DIGIT = [("uniform", 2), ("uniform", 3), ("mixquant-norm", 2.5), ("mixquant-norm", 3), ("mixquant-norm", 2)]
 FISHER = [("mixquant-fisher", 2.5), ("mixquant-fisher", 3), ("mixquant-fisher", 2)]
+MODEL = [("mixquant-model", 2.5), ("mixquant-model", 3), ("mixquant-model", 2)]
 
 GRIDS: Dict[str, Callable[[], List[Cell]]] = {
     "done-when": lambda: (
@@ -108,6 +110,11 @@ GRIDS: Dict[str, Callable[[], List[Cell]]] = {
         _grid("resnet20", [("mixquant-norm", 3)], [2000], [1], act=True)
         + _grid("mnist_digit", DIGIT + FISHER, [2000], [0, 1], act=True)
         + _grid("resnet20", FISHER, [2000], [0, 1], act=True)),
+    # The data-aware default (sensitivity="model") beside the data-free rule, at 2,000 iterations.
+    "data": lambda: (
+        _grid("resnet20", [("mixquant-norm", 3)], [2000], [1], act=True)
+        + _grid("mnist_digit", DIGIT + MODEL, [2000], [0, 1], act=True)
+        + _grid("resnet20", MODEL, [2000], [0, 1], act=True)),
     "mobilenet": lambda: _grid("mobilenet_v2", [("uniform", 3), ("mixquant-norm", 3)], [500], [0], act=False),
 }
 
@@ -177,11 +184,17 @@ def _mixquant_fisher(m: Model, level: float) -> mixquant.BitConfig:
                            sensitivity="fisher", calib_data=m.calib(0)[:SEARCH_SAMPLES])
 
 
+def _mixquant_model(m: Model, level: float) -> mixquant.BitConfig:
+    return mixquant.search(m.model, m.setup.candidates, avg_bits=m.target_avg(level), keep=m.keep,
+                           sensitivity="model", calib_data=m.calib(0)[:SEARCH_SAMPLES])
+
+
 #: name -> (model, level) -> BitConfig. A data-aware rule is one more entry here.
 SELECTORS: Dict[str, Callable[[Model, float], mixquant.BitConfig]] = {
     "uniform": _uniform,
     "mixquant-norm": _mixquant_norm,
     "mixquant-fisher": _mixquant_fisher,
+    "mixquant-model": _mixquant_model,
 }
 
 

@@ -30,7 +30,8 @@ def main() -> int:
 
     here = os.path.dirname(os.path.abspath(__file__))
     where = os.path.dirname(os.path.abspath(mixquant.__file__))
-    assert not where.startswith(os.path.dirname(here) + os.sep), f"mixquant imported from the source tree: {where}"
+    source = os.path.join(os.path.dirname(here), "python") + os.sep  # the package's sources in the checkout
+    assert not (where + os.sep).startswith(source), f"mixquant imported from the source tree: {where}"
     import torch
     import torch.nn as nn
 
