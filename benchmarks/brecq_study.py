@@ -7,7 +7,10 @@ started again (``--results``). ``--report`` prints the tables from the file.
 
 Configs are chosen by *selectors* (``SELECTORS``): ``uniform`` (every layer at
 ``b`` bits) and ``mixquant-norm`` (the data-free budget rule, objective
-``norm``, at a level's average, see ``target_avg``). The first and last layer
+``norm``, at a level's average, see ``target_avg``) and ``mixquant-fisher`` (the
+same budget with the data-aware ``sensitivity="fisher"`` measured on 256
+calibration images) and ``mixquant-model`` (the same with ``sensitivity="model"``,
+the data-aware default). The first and last layer
 are pinned at 8 bits in every config. Another selector (a data-aware rule, for
 instance) is one more entry in ``SELECTORS`` and one more name in ``--grid``.
 
@@ -23,7 +26,8 @@ equal), so one run gives both "W" and "W/A" numbers.
 
 Grids (``--grid``): ``done-when`` (ResNet-20, uniform W2 / W3, 0, 500 and 2000
 iterations, seeds 0 and 1), ``item4`` (the long-run comparison, in priority
-order) and ``mobilenet`` (MobileNetV2, uniform 3 against MixQuant at its
+order), ``data`` and ``fisher`` (a data-aware rule, ``model`` or ``fisher``, at 2,000
+iterations, ResNet-20 and the digit CNN, seeds 0 and 1) and ``mobilenet`` (MobileNetV2, uniform 3 against MixQuant at its
 average). Run them under ``nice -n 10`` with one torch thread::
 
     nice -n 10 python benchmarks/brecq_study.py --grid done-when,item4 --results /tmp/brecq-study.jsonl
@@ -86,6 +90,8 @@ def _grid(model: str, configs: Iterable[Tuple[str, float]], iters: Iterable[int]
 
 R20 = [("uniform", 2), ("uniform", 3), ("mixquant-norm", 2.5), ("mixquant-norm", 3), ("mixquant-norm", 2)]
 DIGIT = [("uniform", 2), ("uniform", 3), ("mixquant-norm", 2.5), ("mixquant-norm", 3), ("mixquant-norm", 2)]
+FISHER = [("mixquant-fisher", 2.5), ("mixquant-fisher", 3), ("mixquant-fisher", 2)]
+MODEL = [("mixquant-model", 2.5), ("mixquant-model", 3), ("mixquant-model", 2)]
 
 GRIDS: Dict[str, Callable[[], List[Cell]]] = {
     "done-when": lambda: (
@@ -99,6 +105,16 @@ GRIDS: Dict[str, Callable[[], List[Cell]]] = {
         + _grid("resnet20", R20, [5000], [0, 1], act=False)
         + _grid("mnist_digit", DIGIT, [5000], [0, 1], act=True)),
     # 500 iterations: the longest that keeps the pair near an hour here (3.5 s per iteration over its 20 units).
+    # The data-aware rule (sensitivity="fisher") beside the data-free one, at 2,000 iterations.
+    "fisher": lambda: (
+        _grid("resnet20", [("mixquant-norm", 3)], [2000], [1], act=True)
+        + _grid("mnist_digit", DIGIT + FISHER, [2000], [0, 1], act=True)
+        + _grid("resnet20", FISHER, [2000], [0, 1], act=True)),
+    # The data-aware default (sensitivity="model") beside the data-free rule, at 2,000 iterations.
+    "data": lambda: (
+        _grid("resnet20", [("mixquant-norm", 3)], [2000], [1], act=True)
+        + _grid("mnist_digit", DIGIT + MODEL, [2000], [0, 1], act=True)
+        + _grid("resnet20", MODEL, [2000], [0, 1], act=True)),
     "mobilenet": lambda: _grid("mobilenet_v2", [("uniform", 3), ("mixquant-norm", 3)], [500], [0], act=False),
 }
 
@@ -158,10 +174,27 @@ def _mixquant_norm(m: Model, level: float) -> mixquant.BitConfig:
     return mixquant.search(m.model, m.setup.candidates, avg_bits=m.target_avg(level), objective="norm", keep=m.keep)
 
 
+#: Calibration samples the data-aware search sees (from seed 0's calibration set, whatever the cell's seed:
+#: one config per level, so the seeds measure BRECQ's spread, not the search's).
+SEARCH_SAMPLES = 256
+
+
+def _mixquant_fisher(m: Model, level: float) -> mixquant.BitConfig:
+    return mixquant.search(m.model, m.setup.candidates, avg_bits=m.target_avg(level), keep=m.keep,
+                           sensitivity="fisher", calib_data=m.calib(0)[:SEARCH_SAMPLES])
+
+
+def _mixquant_model(m: Model, level: float) -> mixquant.BitConfig:
+    return mixquant.search(m.model, m.setup.candidates, avg_bits=m.target_avg(level), keep=m.keep,
+                           sensitivity="model", calib_data=m.calib(0)[:SEARCH_SAMPLES])
+
+
 #: name -> (model, level) -> BitConfig. A data-aware rule is one more entry here.
 SELECTORS: Dict[str, Callable[[Model, float], mixquant.BitConfig]] = {
     "uniform": _uniform,
     "mixquant-norm": _mixquant_norm,
+    "mixquant-fisher": _mixquant_fisher,
+    "mixquant-model": _mixquant_model,
 }
 
 
@@ -300,27 +333,27 @@ def report(path: str) -> str:
     for model in ("resnet20", "mnist_digit", "mobilenet_v2"):
         lengths = sorted({r["iters"] for r in recs if r["model"] == model and r["iters"] >= 400})
         for iters in lengths:
-            for act in (False, True):
-                rows = _comparison(model, iters, act, find, metric)
+            for act, sel in [(a, s) for a in (False, True) for s in SELECTORS if s != "uniform"]:
+                rows = _comparison(model, iters, act, find, metric, sel)
                 if not rows:
                     continue
                 a = MODEL_OPTS[model]["act_bits"]
                 out += ["", f"### {model}, {iters} iterations per unit, "
-                        + (f"W/A{a}" if act else "weights only"), "",
+                        + (f"W/A{a}" if act else "weights only") + f", {sel}", "",
                         "| level | MixQuant avg bits | compared with | uniform top-1 | uniform at MixQuant's avg | "
                         "MixQuant top-1 | margin (per seed) | seeds |", "|---|---|---|---|---|---|---|---|"]
                 out += rows
     return "\n".join(out)
 
 
-def _comparison(model, iters, act, find, metric) -> List[str]:
+def _comparison(model, iters, act, find, metric, selector: str = "mixquant-norm") -> List[str]:
     rows = []
     for level in (2, 2.5, 3):
         lo = math.floor(level)
         ubits = [lo] if level == lo else [lo, lo + 1]
         margins, mq_vals, u_vals, interp_vals, avg, seeds = [], [], {b: [] for b in ubits}, [], None, []
         for seed in (0, 1, 2):
-            r = find(model, "mixquant-norm", level, iters, seed, act)
+            r = find(model, selector, level, iters, seed, act)
             us = [find(model, "uniform", b, iters, seed, act) for b in ubits]
             if r is None or any(u is None for u in us) or metric(r, act) is None:
                 continue
@@ -339,7 +372,7 @@ def _comparison(model, iters, act, find, metric) -> List[str]:
             seeds.append(seed)
         if not margins:
             continue
-        same = " (same config)" if level == lo and find(model, "mixquant-norm", level, iters, seeds[0], act).get(
+        same = " (same config)" if level == lo and find(model, selector, level, iters, seeds[0], act).get(
             "same_config_as") else ""
         rows.append(f"| {level:g} | {avg:.3f} | {', '.join(f'u{b}' for b in ubits)} | "
                     f"{' / '.join(_ms(u_vals[b]) for b in ubits)} | {_ms(interp_vals) if len(ubits) == 2 else '(same)'} | "

@@ -33,7 +33,12 @@ def test_demo_quick_writes_every_report_file(tmp_path, capsys):
     out = tmp_path / "report"
     assert main(["demo", "--quick", "--out", str(out), "--threads", "1"]) == 0
     printed = capsys.readouterr().out
-    assert "[5/5]" in printed and str(out / "report.md") in printed
+    assert "[6/6]" in printed and str(out / "report.md") in printed
+    # each model is announced before its work starts
+    lines = printed.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.strip().startswith("(") and "average" in line]
+    assert len(starts) == 4 and all("done in" in lines[i + 1] for i in starts)
+    assert "like the previous BRECQ run" in lines[starts[-1]]
     for name in REPORT_FILES:
         assert (out / name).is_file(), name
     for name in REPORT_FILES:
@@ -49,6 +54,36 @@ def test_demo_quick_writes_every_report_file(tmp_path, capsys):
         assert set(r["metrics"]) == {"top1", "top1_views", "agree", "kl"}
     cfg = mixquant.BitConfig.load(str(out / "bits.json"))
     assert cfg.avg_bits <= 4.0 + 1e-9
+    # sizes: FP32 and how many times smaller each model is
+    fp32 = report["fp32"]["size_bytes"]
+    assert fp32 == 4 * sum(l["params"] for l in report["layers"])
+    for r in report["runs"]:
+        assert r["compression"] == pytest.approx(fp32 / r["size_bytes"], rel=1e-5) and r["compression"] > 4
+    # the curve: uniform and MixQuant points, ordered by their own average bits
+    selectors = {(p["selector"], p["level"]) for p in report["curve"]}
+    assert {("uniform", 4.0), ("uniform", 8.0), ("MixQuant", 3.0), ("MixQuant", 6.0)} <= selectors
+    point = {(p["selector"], p["level"]): p for p in report["curve"]}
+    assert point[("uniform", 8.0)]["avg_bits"] == 8.0 and point[("MixQuant", 6.0)]["avg_bits"] <= 6.0 + 1e-9
+    assert point[("uniform", 8.0)]["metrics"]["kl"] < point[("uniform", 4.0)]["metrics"]["kl"]
+    table_uniform = next(r for r in report["runs"] if r["method"] == "asymmetric" and r["config"] == "uniform 4")
+    assert point[("uniform", 4.0)]["size_bytes"] == table_uniform["size_bytes"]
+    assert report["curve_images"] == 3  # one view of each of the 3 photos (quick)
+    assert "of the images" in (out / "report.md").read_text()
+    # per-layer bits and BRECQ's units are in report.md, with the machine
+    md = (out / "report.md").read_text()
+    assert report["layers"][0]["name"] in md and "MixQuant bits" in md
+    assert "### BRECQ, uniform 4" in md and "### BRECQ, MixQuant" in md and "loss before" in md
+    assert f"mixquant {mixquant.__version__}" in md and "torch thread" in md and "Load average" in md
+    for name in report["bits"]:
+        assert name in md
+    printed_table = printed[printed.index("method"):].split("\n\n")[0]
+    assert "x smaller" in printed_table and "FP32" in printed_table
+    # no float32 noise in report.json: at most 6 significant digits
+    text = (out / "report.json").read_text()
+    import re
+    for number in re.findall(r"-?\d+\.\d+(?:e-?\d+)?", text):
+        digits = number.split("e")[0].lstrip("-").replace(".", "").lstrip("0")
+        assert len(digits) <= 6, number
     assert "report.json" in (out / "report.md").read_text() or "bits.json" in (out / "report.md").read_text()
     # an existing report is kept unless --overwrite
     assert main(["demo", "--quick", "--out", str(out)]) == 2
@@ -124,5 +159,6 @@ def test_cli_calibration_from_an_image_folder(tmp_path):
         Image.new("RGB", (40 + i, 30), color=(10 * i, 100, 200)).save(folder / f"{i}.png")
     x, y = load_inputs(str(folder), image_size=16)
     assert x.shape == (3, 3, 16, 16) and y is None
+    (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no images"):
-        load_inputs(str(tmp_path))  # holds only a folder
+        load_inputs(str(tmp_path / "empty"))

@@ -20,6 +20,8 @@ from safetensors.torch import save_file
 import mixquant
 from mixquant.cli import main as cli_main
 from mixquant.allocation.tables import pack_totals, totals_size, unpack_totals
+from mixquant.api.checkpoint import checkpoint_layers
+from mixquant.io.checkpoint import list_tensors
 from mixquant.parallel import RankFailure, comm, launch, shards
 from mixquant.parallel.workers import SINGLE
 
@@ -64,8 +66,8 @@ def _read(path) -> dict:
 
 
 def _owners(path: str, world: int) -> dict:
-    names = list(mixquant.api.checkpoint.checkpoint_layers(mixquant.io.checkpoint.list_tensors(path)))
-    infos = mixquant.api.checkpoint.checkpoint_layers(mixquant.io.checkpoint.list_tensors(path))
+    infos = checkpoint_layers(list_tensors(path))
+    names = list(infos)
     return dict(zip(names, shards.assign_by_cost([infos[n].numel for n in names], world)))
 
 
@@ -153,11 +155,12 @@ def test_an_error_on_one_rank_is_raised_on_every_rank(tmp_path):
 BRECQ_OPTIONS = {"iters": 40, "batch_size": 4, "num_samples": 25, "act_bits": 4, "act_iters": 20,
                  "loss": "fisher", "rounding_weight": 0.1}
 # Float32 summation order differs between 1 and 2 ranks (see mixquant.methods.data_parallel).
-# Measured on the test net: the weights phase's losses within 7e-7 relative, hard roundings
-# identical; step sizes within 4e-5 and the activation phase's losses within 5e-3 relative: Adam's
-# steps (lr 4e-4) are large next to an 8-bit step size (0.0045), so near the optimum, where the
-# gradient's sign is decided by its rounding, the two runs take a few different steps.
-REL_WEIGHTS, REL_SCALES, REL_ACT_LOSS = 1e-5, 1e-3, 2e-2
+# Measured on the test net: hard roundings and weights identical, the weights phase's losses within
+# 1e-8 relative, the activation step sizes kept within 4e-7; the loss of learned step sizes within
+# 5e-2 (fc's, which never_worse then discards): Adam's steps (lr 4e-4) are large next to an 8-bit
+# step size (0.0045), so near the optimum, where rounding decides the gradient's sign, the two runs
+# take different steps.
+REL_WEIGHTS, REL_SCALES, REL_LEARNED = 1e-5, 1e-3, 0.1
 
 
 def _brecq_job(tmp_path, world, name, options=BRECQ_OPTIONS, fail="none", at=0, nudge_on=None, **kw):
@@ -195,7 +198,8 @@ def test_split_brecq_equals_single_process(tmp_path):
     for a, b in zip(one["records"], got["records"]):
         for key in ("loss_before", "loss_soft", "loss_rounded", "loss_after", "hard_fraction"):
             if a[key] is not None:
-                rel = REL_WEIGHTS if a["phase"] == "weights" else REL_ACT_LOSS
+                learned = a["phase"] == "activations" and (key == "loss_rounded" or a["kept"] == "learned")
+                rel = REL_LEARNED if learned and key != "loss_before" else REL_WEIGHTS
                 assert _close(a[key], b[key], rel), (a["unit"], a["phase"], key, a[key], b[key])
         assert a["iters"] == b["iters"]
     assert one["act_scales"].keys() == got["act_scales"].keys()

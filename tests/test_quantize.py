@@ -152,15 +152,6 @@ def test_first_layer_input_float_and_block_outputs():
     assert isinstance(q.layer1[0].output_quantizer, ActQuantizer)
 
 
-def test_keep_first_last_8bit_option():
-    model = tiny_resnet()
-    cfg = mixquant.uniform(model, 3, errors=False)
-    q = quantize(model, cfg, calib_data=images(8), keep_first_last_8bit=True, progress=False)
-    applied = q.mixquant_state.config.bits
-    assert applied["conv1"] == 8 and applied["fc"] == 8 and applied["layer1.0.conv1"] == 3
-    assert q.mixquant_state.requested_bits == cfg.bits
-
-
 @pytest.mark.parametrize("data", ["tensor", "tuples", "loader", "generator"])
 def test_calibration_data_forms(data):
     model = tiny_resnet()

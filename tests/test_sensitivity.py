@@ -163,6 +163,26 @@ def test_linear_and_transposed_moments():
     torch.testing.assert_close(got, per_channel.repeat_interleave(4))
 
 
+def test_input_cost_of_a_grouped_conv():
+    # Per-row moments ([C_out, K], a depthwise conv's) used to be refused by weighted_errors
+    # as a shape mismatch with the [C_out, 1, kh, kw] weight (MobileNetV2 could not be measured).
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 6, 3, padding=1, groups=6),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 4)).eval()
+    layers = mixquant.find_layers(model)
+    tables = {n: mixquant.roundoff_error(m.weight, [3, 5], per_channel=True) for n, m in layers.items()}
+    x = torch.randn(8, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+    r = sens.measure_sensitivity("input", model, layers, tables, collect_batches(x), scaling="none")
+    dw = model[2]
+    with torch.no_grad():
+        h = model[1](model[0](x))
+    moments = _unfold_moments(dw, h)  # [6, 9], per output channel
+    w = dw.weight.detach()
+    t = tables["2"]
+    fq = mixquant.fake_quantize_tensor(w, torch.from_numpy(t.scale[0]), torch.from_numpy(t.zero_point[0]), 3)
+    want = ((w - fq).double().reshape(6, 9) ** 2 * moments).sum()
+    assert abs(r.costs["2"][0] - float(want)) <= 1e-4 * float(want)  # index 0: 3 bits
+
+
 def test_input_cost_is_the_weighted_weight_error():
     model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
     layers = mixquant.find_layers(model)

@@ -23,11 +23,9 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import numpy as np
 
 from ..core.error import RoundoffError
+from ..core.limits import DEFAULT_OBJECTIVE, OBJECTIVES, QEM_REFERENCES
 from .bitconfig import layer_bytes
-from .bitconfig_file import OBJECTIVES, QEM_REFERENCES
 from .knapsack import InfeasibleBudget, solve_mckp
-
-DEFAULT_OBJECTIVE = "norm"
 
 __all__ = ["OBJECTIVES", "QEM_REFERENCES", "DEFAULT_OBJECTIVE", "Costs", "qem_bits", "budget_bits",
            "budget_layout"]

@@ -62,6 +62,7 @@ import torch.nn.functional as F
 
 from ..core.error import RoundoffError, weighted_errors
 from ..core.kernels import fake_quantize_tensor
+from ..core.limits import DEFAULT_DATA_SENSITIVITY, OUTPUT_LOSSES, SENSITIVITIES
 from ..nn.batches import Batch, output_tensor
 from ..nn.calib import eval_mode
 from ..nn.layers import channel_axis
@@ -70,11 +71,7 @@ from ..nn.replay import PrefixReplay, ReplayTooLarge
 __all__ = ["SENSITIVITIES", "DATA_SENSITIVITIES", "DEFAULT_DATA_SENSITIVITY", "OUTPUT_LOSSES", "LAYER_SCALINGS",
            "SensitivityResult", "measure_sensitivity"]
 
-SENSITIVITIES = ("weight", "input", "output", "fisher", "model")
 DATA_SENSITIVITIES = SENSITIVITIES[1:]
-#: What ``mixquant.search`` uses when given calibration data and no sensitivity.
-DEFAULT_DATA_SENSITIVITY = "model"
-OUTPUT_LOSSES = ("kl", "cosine", "mse")
 #: How layer-local errors are made comparable across layers: projected on each sample's output
 #: gradient ("projected": the default of "output"), weighted per output channel by the mean squared
 #: output gradient ("gain": the default of "input", whose statistic is per feature), divided by the

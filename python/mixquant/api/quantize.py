@@ -26,16 +26,16 @@ import torch.nn as nn
 from ..allocation.bitconfig import BitConfig, layer_bytes, param_groups
 from ..core.limits import MAX_ACT_BITS, MAX_BITS, MIN_ACT_BITS, MIN_BITS
 from ..methods import METHODS, AsymmetricOptions, BrecqOptions
-from ..methods.common import QuantJob, build_options, execution_order
+from ..methods.common import QuantJob, build_options
 from ..nn import qmodules
 from ..nn.calib import check_forward, collect_calib
-from ..nn.layers import channel_axis, tied_weights
+from ..nn.layers import channel_axis, is_scripted, submodule, tied_weights
+from ..nn.order import execution_order
 from ..nn.parametrized import materialize_weights
 from ..nn.precision import LOW_PRECISION, max_bits_for, restore_dtypes, to_float32
 
-__all__ = ["quantize", "quant_info", "QuantInfo", "QuantState", "FIRST_LAST_BITS"]
+__all__ = ["quantize", "quant_info", "QuantInfo", "QuantState"]
 
-FIRST_LAST_BITS = 8
 Options = Union[AsymmetricOptions, BrecqOptions]
 
 
@@ -45,8 +45,8 @@ class QuantState:
 
     Attributes:
         method: "asymmetric" or "brecq".
-        config: the applied :class:`BitConfig` (first/last overrides included).
-        requested_bits: the bits of the config the caller passed.
+        config: the applied :class:`BitConfig` (the caller's, with the granularity actually used).
+        requested_bits: the bits of the config the caller passed (the same as ``config.bits``).
         per_channel, symmetric: weight quantizer settings.
         act_bits: the ``act_bits`` argument (None: weights only).
         input_act_bits: layer fqn → bits of its input quantizer.
@@ -141,7 +141,7 @@ def quant_info(qmodel: nn.Module) -> QuantInfo:
     num_params: Dict[str, int] = {}
     packed = qparams = 0
     for name, bits in state.config.bits.items():
-        layer = qmodel.get_submodule(name)
+        layer = submodule(qmodel, name)
         n = layer.weight.numel()
         groups = layer.weight_scale.numel()
         num_params[name] = n
@@ -166,11 +166,20 @@ def _already_quantized(model: nn.Module) -> bool:
     return hasattr(model, "mixquant_state") or any(qmodules.is_quantized_layer(m) for m in model.modules())
 
 
+def _check_scripted(method: str, act_bits: Optional[int], opts: Any) -> None:
+    """A TorchScript model's parameters can be replaced, its modules and hooks cannot: weights only, no BRECQ."""
+    refused = (f"method={method!r}" if method != "asymmetric" else
+               f"act_bits={act_bits}" if act_bits is not None else
+               "fold_bn=True" if getattr(opts, "fold_bn", False) else None)
+    if refused:
+        raise ValueError(f"a TorchScript model supports weight-only asymmetric quantization, not {refused}; "
+                         "load the model as an nn.Module (package.module:factory) for that")
+
+
 def _applied_config(config: BitConfig, model: nn.Module, bits: Dict[str, int], per_channel: bool, symmetric: bool) -> BitConfig:
     """The config as applied, with every tie the model really has; what differs from ``config`` is recorded in its rule.
 
-    ``rule["raised"]`` lists the layers whose bits the method raised; with another
-    granularity or symmetry, ``rule["quantizer_changed"]`` is set and the error
+    With another granularity or symmetry, ``rule["quantizer_changed"]`` is set and the error
     tables (measured with the other quantizer) are dropped.
     """
     grouped = [n for n in bits if config.group_size_of(n) is not None]
@@ -180,12 +189,9 @@ def _applied_config(config: BitConfig, model: nn.Module, bits: Dict[str, int], p
     groups = dict(config.groups)
     if per_channel != config.per_channel:
         for name in bits:
-            layer = model.get_submodule(name)
+            layer = submodule(model, name)
             groups[name] = param_groups(tuple(layer.weight.shape), channel_axis(layer), per_channel, None)
     rule, errors = dict(config.rule), config.errors
-    raised = [name for name in bits if bits[name] != config.bits[name]]
-    if raised:
-        rule["raised"] = ",".join(f"{name}={bits[name]}" for name in raised)
     if (per_channel, symmetric) != (config.per_channel, config.symmetric):
         rule["quantizer_changed"] = True
         errors = {}
@@ -222,7 +228,7 @@ def _check_dtype_holds_bits(model: nn.Module, bits: Dict[str, int], dtypes: Dict
 
 def _check_stored_grids(model: nn.Module, names: List[str], dtypes: Dict[str, Any]) -> None:
     for name in names:
-        layer = model.get_submodule(name)
+        layer = submodule(model, name)
         if layer.weight.dtype in LOW_PRECISION and qmodules.grid_codes(layer) is None:
             raise ValueError(
                 f"layer {name!r}: its {str(layer.weight.dtype).replace('torch.', '')} weight cannot hold its "
@@ -251,8 +257,9 @@ def quantize(
     Args:
         model: a float model. It is not modified unless ``inplace``.
         config: a :class:`BitConfig` (from :func:`mixquant.search` or :func:`mixquant.uniform`)
-            that fits ``model``; every configured layer gets exactly its bits
-            (except the first/last-layer option of the method, see below).
+            that fits ``model``; every configured layer gets exactly its bits. To keep
+            the first and last layer at 8 bits, pin them in the config
+            (``keep=mixquant.keep_first_last(model, example_input)`` in :func:`mixquant.search`).
         method: "asymmetric" (vanilla round-to-nearest, :class:`AsymmetricOptions`)
             or "brecq" (:class:`BrecqOptions`).
         calib_data: a DataLoader, a tensor ``[N, ...]``, or an iterable of batches
@@ -268,10 +275,6 @@ def quantize(
         options: a prebuilt options object of the method.
         **method_options: fields of the method's options (overriding ``options``);
             an unknown name raises TypeError.
-
-    The method's ``keep_first_last_8bit`` raises the first and last layer (in
-    execution order) to at least 8 bits; the applied config is
-    ``qmodel.mixquant_state.config``.
 
     Returns:
         The quantized model, in eval mode (on ``BrecqOptions.device`` for BRECQ).
@@ -303,7 +306,10 @@ def quantize(
     if _already_quantized(model):
         raise ValueError("the model is already quantized; quantize a float model")
     _check_has_data(model)
-    _check_copyable(model)
+    if is_scripted(model):
+        _check_scripted(method, act_bits, opts)
+    else:
+        _check_copyable(model)
     config.check_model(model)
     for name, bits in config.bits.items():
         if not MIN_BITS <= bits <= MAX_BITS:
@@ -329,9 +335,6 @@ def quantize(
     order = execution_order(qmodel, list(config.bits), None if x is None else x[:2])
 
     bits = dict(config.bits)
-    if opts.keep_first_last_8bit and order:
-        for name in {order[0], order[-1]}:
-            bits[name] = max(bits[name], FIRST_LAST_BITS)
     _check_dtype_holds_bits(qmodel, bits, dtypes)
     applied = _applied_config(config, model, bits, per_channel, symmetric)
     job = QuantJob(bits=bits, spec=applied.spec, act_bits=act_bits, order=order, calib_x=x, calib_y=y, seed=seed,

@@ -37,11 +37,31 @@ from ..core.spec import QuantizerSpec, check_group_size
 from ..core.tensors import check_bit_list, check_bits
 from ..nn.batches import collect_batches, provenance
 from ..nn.layers import FilterFn, channel_axis, find_layers, tied_weights
+from ..nn.order import first_last_layers
 
 __all__ = ["search", "uniform", "measure", "choose", "Measurement", "SearchRule", "check_rule", "layout_options",
-           "decide"]
+           "decide", "keep_first_last", "FIRST_LAST_BITS"]
 
 GroupSizes = Union[None, int, Sequence[Optional[int]]]
+
+#: Bits of the first and last layer when they are pinned (the common practice BRECQ's code follows).
+FIRST_LAST_BITS = 8
+
+
+def keep_first_last(model: nn.Module, example_input: Any, bits: int = FIRST_LAST_BITS, *,
+                    filter_fn: Optional[FilterFn] = None) -> Dict[str, int]:
+    """``{first layer: bits, last layer: bits}``, to pass as ``keep=`` to :func:`search` or :func:`uniform`.
+
+    The first and last quantizable layers are found in execution order by
+    running ``model`` once on ``example_input`` (:func:`mixquant.first_last_layers`)::
+
+        config = mixquant.search(model, avg_bits=4, keep=mixquant.keep_first_last(model, x[:1]))
+
+    A model with one quantizable layer gives a one-entry dict.
+    """
+    bits = check_bits(bits, "bits")
+    first, last = first_last_layers(model, example_input, filter_fn=filter_fn)
+    return {first: bits, last: bits}
 
 
 @dataclass(frozen=True)

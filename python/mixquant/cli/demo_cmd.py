@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    from ..experiments.demo import DEFAULT_OUT
+from ..experiments.names import DEMO_OUT as DEFAULT_OUT
+from . import COMMANDS
+from .common import set_threads
 
+
+def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
-        help="end-to-end demo on MobileNetV2 and real photos: search, quantize, evaluate, write a report",
+        help=COMMANDS["demo"][1],
         description="Run the whole pipeline on MobileNetV2 (torchvision's ImageNet weights): the MixQuant "
         "search at an average weight bit-width, vanilla asymmetric and BRECQ quantization next to the uniform "
         "bit-width of the same average, evaluation on foolbox's labelled ImageNet photos (calibration on other "
@@ -28,14 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from ..experiments.demo import run_demo
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError("--threads must be >= 1")
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     run_demo(args.out, overwrite=args.overwrite, quick=args.quick, avg_bits=args.avg_bits, seed=args.seed,
              brecq=not args.no_brecq, progress=not args.quick)
     return 0

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import argparse
 import json
-
-import torch
+from typing import TYPE_CHECKING, Optional
 
 from ..io.files import check_destination, write_text_atomic
-from .common import DATA_HELP, MODEL_HELP, add_data_options, add_trust_file_option, load_inputs, load_model
+from . import COMMANDS
+from .common import DATA_HELP, MODEL_HELP, add_data_options, add_model_options, load_inputs, set_threads
+
+if TYPE_CHECKING:
+    import torch
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "evaluate",
-        help="evaluate a quantized model file: accuracy, and top-1 agreement / KL against the float model",
+        help=COMMANDS["evaluate"][1],
         description="Load QMODEL (written by `mixquant quantize` or mixquant.export) into a fresh MODEL, run both "
         "on --data and report top-1 accuracy of each (when the data has labels), the share of inputs where "
         "their top-1 classes agree and the mean KL(float || quantized) of their softmax outputs. " + MODEL_HELP,
@@ -27,31 +30,34 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace --json if it exists")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     add_data_options(p)
-    add_trust_file_option(p)
+    add_model_options(p)
     p.set_defaults(func=run)
 
 
-@torch.no_grad()
-def _logits(model: torch.nn.Module, x: torch.Tensor, bs: int) -> torch.Tensor:
+def _logits(model: "torch.nn.Module", x: "torch.Tensor", bs: int) -> "torch.Tensor":
+    import torch
+
     model.eval()
-    outs = [model(x[i:i + bs]) for i in range(0, x.shape[0], bs)]
+    with torch.no_grad():
+        outs = [model(x[i:i + bs]) for i in range(0, x.shape[0], bs)]
     if not all(isinstance(o, torch.Tensor) and o.dim() == 2 for o in outs):
         raise ValueError("evaluate needs a classifier whose output is logits [batch, classes]")
     return torch.cat(outs).float()
 
 
-def evaluate_files(model_spec: str, qpath: str, x: torch.Tensor, y=None, *, batch_size: int = 256,
-                   trust_file: bool = False) -> dict:
+def evaluate_files(model_spec: str, qpath: str, x: "torch.Tensor", y=None, *, batch_size: int = 256,
+                   trust_file: bool = False, weights: Optional[str] = None) -> dict:
     """Numbers reported by ``mixquant evaluate`` (also usable from Python)."""
     import torch.nn.functional as F
 
     from ..api.quantize import quant_info
     from ..io.export import load_quantized
+    from ..io.models import load_model
 
     if batch_size < 1:
         raise ValueError("--batch-size must be >= 1")
-    fp_model = load_model(model_spec, trust_file=trust_file)
-    qmodel = load_quantized(qpath, load_model(model_spec, trust_file=trust_file))
+    fp_model = load_model(model_spec, trust_file=trust_file, weights=weights)
+    qmodel = load_quantized(qpath, load_model(model_spec, trust_file=trust_file, weights=weights))
     lf = _logits(fp_model, x, batch_size)
     lq = _logits(qmodel, x, batch_size)
     logp, logq = F.log_softmax(lf, 1), F.log_softmax(lq, 1)
@@ -72,15 +78,18 @@ def evaluate_files(model_spec: str, qpath: str, x: torch.Tensor, y=None, *, batc
     return out
 
 
+def format_kl(kl: float) -> str:
+    """KL in four significant digits (0.00001234 stays readable, 0 is 0)."""
+    return "0" if kl == 0 else f"{kl:.4g}"
+
+
 def run(args: argparse.Namespace) -> int:
     if args.json:
         check_destination(args.json, args.overwrite)  # before the work, not after it
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError("--threads must be >= 1")
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     x, y = load_inputs(args.data, image_size=args.image_size, resize=args.resize)
-    res = evaluate_files(args.model, args.qmodel, x, y, batch_size=args.batch_size, trust_file=args.trust_file)
+    res = evaluate_files(args.model, args.qmodel, x, y, batch_size=args.batch_size, trust_file=args.trust_file,
+                         weights=args.weights)
     print(f"{res['samples']} inputs; quantized model: {res['method']}, average {res['avg_bits']:.3f} weight bits, "
           f"{res['size_bytes']} bytes of packed weights, scales and zero points")
     if "float_top1" in res:
@@ -88,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         print("no labels in --data: accuracy not measured")
     print(f"top-1 agreement with the float model: {100 * res['agreement']:.2f} %")
-    print(f"mean KL(float || quantized): {res['kl']:.5f} nats")
+    print(f"mean KL(float || quantized): {format_kl(res['kl'])} nats")
     if args.json:
         write_text_atomic(args.json, json.dumps(res, indent=1) + "\n", args.overwrite)
         print(f"wrote {args.json}")

@@ -10,9 +10,10 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import os
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Optional, Tuple, Union
 
-from .common import DATA_HELP, MODEL_HELP, add_data_options, add_trust_file_option, load_calib, load_model
+from . import COMMANDS
+from .common import DATA_HELP, MODEL_HELP, add_data_options, add_model_options, load_calib, load_cli_model
 
 
 def parse_bits(text: str) -> List[int]:
@@ -48,10 +49,11 @@ def is_checkpoint(path: str) -> bool:
     return os.path.isdir(path) or path.endswith(".safetensors")
 
 
-def parse_keep(items: List[str]) -> Dict[str, int]:
-    keep = {}
-    for item in items or []:
-        name, sep, bits = item.rpartition("=")
+def parse_keep(items: Optional[List[str]]) -> Dict[str, int]:
+    """Repeated ``--keep NAME=BITS`` values (each may also list several, comma-separated) -> {name: bits}."""
+    keep: Dict[str, int] = {}
+    for item in [part for value in items or [] for part in value.split(",") if part.strip()]:
+        name, sep, bits = item.strip().rpartition("=")
         if not sep or not name:
             raise ValueError(f"--keep expects NAME=BITS, got {item!r}")
         try:
@@ -60,17 +62,44 @@ def parse_keep(items: List[str]) -> Dict[str, int]:
             raise ValueError(f"--keep {item!r}: BITS must be an int") from None
     return keep
 
+def parse_shape(text: str) -> Tuple[int, ...]:
+    """'3,224,224' -> (3, 224, 224): one input's shape, without the batch dimension."""
+    try:
+        shape = tuple(int(t) for t in text.replace("x", ",").split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--input-shape must look like 3,224,224, got {text!r}") from None
+    if not shape or any(d < 1 for d in shape):
+        raise argparse.ArgumentTypeError(f"--input-shape must be positive sizes like 3,224,224, got {text!r}")
+    return shape
+
+
+def first_last_keep(model, bits: int, shape: Optional[Tuple[int, ...]]) -> Dict[str, int]:
+    """--keep-first-last: the first and last layer in execution order, found on a random input of ``shape``."""
+    if shape is None:
+        raise ValueError("--keep-first-last needs --input-shape (one input's shape, e.g. 3,224,224): the model "
+                         "runs once on it to find its first and last layer in execution order")
+    import torch
+
+    from ..api.search import keep_first_last
+
+    example = torch.randn((1,) + tuple(shape), generator=torch.Generator().manual_seed(0))
+    try:
+        return keep_first_last(model, example, bits)
+    except RuntimeError as exc:  # the model's own forward refused the input
+        raise ValueError(f"the model does not run on an input of shape {(1,) + tuple(shape)} "
+                         f"(--input-shape): {str(exc).splitlines()[0]}") from None
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..allocation.rules import DEFAULT_OBJECTIVE, OBJECTIVES
-    from ..allocation.sensitivity import DEFAULT_DATA_SENSITIVITY, OUTPUT_LOSSES, SENSITIVITIES
+    from ..core.limits import DEFAULT_DATA_SENSITIVITY, DEFAULT_OBJECTIVE, OBJECTIVES, OUTPUT_LOSSES, SENSITIVITIES
 
     p = sub.add_parser(
         "search",
-        help="choose a weight bit-width per layer (the MixQuant search)",
+        help=COMMANDS["search"][1],
         description="Measure every layer's roundoff error at each candidate bit-width and choose "
         "per-layer bits by the QEM rule (--qem) or an exact budget rule (--avg-bits / --max-bytes / "
-        "--bits-per-weight). " + MODEL_HELP + " MODEL may also be a safetensors checkpoint (a .safetensors "
+        "--bits-per-weight). Prints the per-layer table; writes the config only with --out (without it, a dry "
+        "run). " + MODEL_HELP + " MODEL may also be a safetensors checkpoint (a .safetensors "
         "file, or a folder of shards with or without model.safetensors.index.json): every tensor of 2+ "
         "dimensions named '*.weight' is then a layer, named without '.weight', read one run of rows at a time.",
     )
@@ -110,7 +139,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "--max-bytes) choose per layer")
     p.add_argument("--symmetric", action="store_true", help="symmetric quantizer (default asymmetric)")
     p.add_argument("--clip", choices=["minmax", "mse"], default="minmax", help="range: min/max, or the clipping search")
-    p.add_argument("--keep", nargs="*", metavar="NAME=BITS", help="pin layers, e.g. --keep conv1=8 fc=8")
+    p.add_argument("--keep", action="append", metavar="NAME=BITS",
+                   help="pin a layer's bits; repeat it for more layers: --keep conv1=8 --keep fc=8")
+    p.add_argument("--keep-first-last", type=int, metavar="BITS",
+                   help="pin the first and the last layer (in execution order, found on a random input of "
+                   "--input-shape) at BITS, e.g. 8")
+    p.add_argument("--input-shape", type=parse_shape, metavar="C,H,W",
+                   help="one input's shape without the batch dimension, for --keep-first-last (e.g. 3,224,224)")
     p.add_argument("--embeddings", action="store_true",
                    help="also quantize nn.Embedding layers of MODEL (a checkpoint's embeddings are always included)")
     p.add_argument("--include", nargs="*", metavar="GLOB", help="only layers whose name matches one of these globs")
@@ -120,9 +155,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", choices=["native", "reference"], default=None, help="kernel backend (default native)")
     p.add_argument("--threads", type=int, default=None, help="native threads (default MIXQUANT_NUM_THREADS or torch's)")
     add_data_options(p)
-    p.add_argument("--out", required=True, help="where to write the bit config (JSON)")
+    p.add_argument("--out", help="where to write the bit config (JSON); without it nothing is written")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    add_trust_file_option(p)
+    add_model_options(p)
     p.set_defaults(func=run)
 
 
@@ -133,12 +168,16 @@ def run(args: argparse.Namespace) -> int:
     from .ranks import join, on_every, on_main
 
     w = join()  # under torchrun: the ranks split a checkpoint's layers; rank 0 writes
-    on_main(w, lambda: check_destination(args.out, args.overwrite), "checking --out")  # before the work
+    keep = parse_keep(args.keep)
+    if args.input_shape is not None and args.keep_first_last is None:
+        raise ValueError("--input-shape is only used by --keep-first-last")
+    if args.out:  # before the work, not after it
+        on_main(w, lambda: check_destination(args.out, args.overwrite), "checking --out")
     common = dict(
         qem=args.qem, ref_bits=args.ref_bits, qem_reference=args.qem_reference, avg_bits=args.avg_bits,
         max_bytes=args.max_bytes, bits_per_weight=args.bits_per_weight, objective=args.objective,
         per_channel=args.per_channel, symmetric=args.symmetric, clip=args.clip, group_size=args.group_size,
-        keep=parse_keep(args.keep), backend=args.backend, num_threads=args.threads, progress=w.is_main,
+        keep=keep, backend=args.backend, num_threads=args.threads, progress=w.is_main,
     )
     if is_checkpoint(args.model):
         if args.sensitivity not in (None, "weight") or args.calib:
@@ -146,6 +185,10 @@ def run(args: argparse.Namespace) -> int:
                              "(--sensitivity weight) applies; give a MODEL for --calib")
         if common["objective"] is None:
             del common["objective"]
+        if args.keep_first_last is not None:
+            raise ValueError("--keep-first-last needs a MODEL to run; for a checkpoint, pin layers with --keep NAME=BITS")
+        if args.weights:
+            raise ValueError("--weights applies to a MODEL, not to a checkpoint")
         if args.embeddings:
             raise ValueError("--embeddings applies to a MODEL; a checkpoint's embeddings are included (use --exclude)")
         config = search_checkpoint(args.model, args.bits, include=args.include, exclude=args.exclude,
@@ -160,15 +203,24 @@ def run(args: argparse.Namespace) -> int:
                 and not any(fnmatch.fnmatchcase(name, g) for g in exclude or ())
 
         def model_search():
-            model = load_model(args.model, trust_file=args.trust_file)
+            model = load_cli_model(args)
+            if args.keep_first_last is not None:
+                pinned = first_last_keep(model, args.keep_first_last, args.input_shape)
+                clash = {n: b for n, b in keep.items() if n in pinned and b != pinned[n]}
+                if clash:
+                    name = next(iter(clash))
+                    raise ValueError(f"--keep {name}={clash[name]} and --keep-first-last {args.keep_first_last} "
+                                     f"disagree on layer {name!r}")
+                common["keep"] = {**pinned, **keep}
             calib = load_calib(args.calib, image_size=args.image_size, resize=args.resize) if args.calib else None
             return search(model, args.bits, filter_fn=selected, embeddings=args.embeddings,
                           sensitivity=args.sensitivity, calib_data=calib, calib_samples=args.calib_samples,
                           output_loss=args.output_loss, seed=args.seed, **common)
 
         config = on_every(w, model_search, "the search")  # not split: every rank searches the whole model
-    on_main(w, lambda: config.save(args.out, overwrite=args.overwrite), "writing --out")
+    if args.out:
+        on_main(w, lambda: config.save(args.out, overwrite=args.overwrite), "writing --out")
     if w.is_main:
         print(config)
-        print(f"wrote {args.out}")
+        print(f"wrote {args.out}" if args.out else "dry run: no file written (pass --out FILE to save the config)")
     return 0

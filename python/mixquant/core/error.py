@@ -217,9 +217,11 @@ def weighted_errors(
 
     ``w_hat`` uses the quantizers of ``table`` (its scales and zero points, one
     row per bit-width), so the weighted table and the plain one describe the
-    same quantizers. ``weights`` has the shape of ``tensor`` (one weight per
-    element) or is a vector of one weight per column of the ``[C, K]`` matrix
-    view (shared by every row); finite and non-negative.
+    same quantizers. ``weights`` has the shape of ``tensor`` or of its ``[C, K]``
+    matrix view (one weight per element; the matrix form is what per-row
+    statistics give, e.g. a grouped convolution's input moments), or is a
+    vector of one weight per column of that view (shared by every row); finite
+    and non-negative.
     """
     be, nt = resolve_backend(backend), resolve_threads(num_threads)
     m = as_matrix(tensor, ch_axis, name)
@@ -229,9 +231,12 @@ def weighted_errors(
         v = weights.detach().to(device="cpu", dtype=torch.float32).contiguous()
         if v.numel() != m.shape[1]:
             raise ValueError(f"weights of {name} hold {v.numel()} values, one per column needs {m.shape[1]}")
+    elif weights.dim() == 2 and tuple(weights.shape) == tuple(m.shape) and tuple(weights.shape) != tuple(tensor.shape):
+        v = as_matrix(weights, 0, f"weights of {name}")  # already in the matrix view's (row, column) order
     else:
         if tuple(weights.shape) != tuple(tensor.shape):
-            raise ValueError(f"weights of {name} have shape {tuple(weights.shape)}, the tensor {tuple(tensor.shape)}")
+            raise ValueError(f"weights of {name} have shape {tuple(weights.shape)}, the tensor {tuple(tensor.shape)} "
+                             f"(or its matrix view {tuple(m.shape)})")
         v = as_matrix(weights, ch_axis, f"weights of {name}")
     scale = torch.from_numpy(np.ascontiguousarray(table.scale))
     zp = torch.from_numpy(np.ascontiguousarray(table.zero_point))

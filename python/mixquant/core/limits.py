@@ -12,6 +12,7 @@ import math
 __all__ = [
     "MIN_BITS", "MAX_BITS", "MIN_ACT_BITS", "MAX_ACT_BITS", "MAX_N_GRID", "DEFAULT_N_GRID",
     "DEFAULT_STEP", "DEFAULT_P", "DEFAULT_CANDIDATES", "MAX_CLIP_SCRATCH_BYTES", "CLIP_METHODS",
+    "OBJECTIVES", "DEFAULT_OBJECTIVE", "QEM_REFERENCES", "SENSITIVITIES", "DEFAULT_DATA_SENSITIVITY", "OUTPUT_LOSSES",
     "clip_grid_ok", "ADAROUND_GAMMA", "ADAROUND_ZETA",
 ]
 
@@ -37,6 +38,16 @@ CLIP_METHODS = ("minmax", "mse")
 #: (the native rounding kernels use the same two numbers, as float32).
 ADAROUND_GAMMA = -0.1
 ADAROUND_ZETA = 1.1
+#: The search's rules: per-layer errors the budget rule can sum, and the QEM references.
+OBJECTIVES = ("mse", "norm", "sse")
+DEFAULT_OBJECTIVE = "norm"
+QEM_REFERENCES = ("layer", "model")
+#: What a layer's cost at a bit-width is: the data-free roundoff error, or one measured on calibration data.
+SENSITIVITIES = ("weight", "input", "output", "fisher", "model")
+#: What ``mixquant.search`` uses when given calibration data and no sensitivity.
+DEFAULT_DATA_SENSITIVITY = "model"
+#: How the "model" sensitivity compares the model's outputs.
+OUTPUT_LOSSES = ("kl", "cosine", "mse")
 
 
 def clip_grid_ok(n_grid: int, step: float) -> bool:

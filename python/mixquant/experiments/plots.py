@@ -2,7 +2,11 @@
 
 * :func:`pareto_plot`: accuracy (or agreement) and KL against average weight bits, per method;
 * :func:`allocation_plot`: MixQuant's per-layer bit-widths at each compared average;
-* :func:`heatmap_plot`: the layers x bit-widths roundoff-error table the search reads.
+* :func:`heatmap_plot`: the layers x bit-widths roundoff-error table the search reads;
+* :func:`comparison_plot`, :func:`bits_curve_plot`: the demo's bars and its accuracy-against-bits curve.
+
+Every plot names a model by :func:`~mixquant.experiments.names.display_name`, and
+tick labels stay at 8 pt or more (figures grow with the number of layers instead).
 """
 
 from __future__ import annotations
@@ -13,9 +17,13 @@ import os
 from typing import Any, Dict, List, Sequence, Tuple
 
 from ..io.files import write_bytes_atomic
+from .names import display_name
 
-__all__ = ["require_matplotlib", "pareto_plot", "allocation_plot", "heatmap_plot", "comparison_plot", "write_model_plots",
-           "is_png", "PNG_SIGNATURE"]
+__all__ = ["require_matplotlib", "pareto_plot", "allocation_plot", "heatmap_plot", "comparison_plot", "bits_curve_plot",
+           "write_model_plots", "is_png", "PNG_SIGNATURE", "TICK_PT"]
+
+#: Smallest font of any tick label or legend (pt).
+TICK_PT = 8
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -101,8 +109,8 @@ def pareto_plot(model: str, info: Dict[str, Any], records: Sequence[Dict[str, An
     for ax in axes:
         ax.set_xlabel("average weight bits (parameter-weighted)")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, loc="lower right")
-    fig.suptitle(f"{info.get('title', model)}: weight-only quantization, per-channel", fontsize=10)
+    axes[0].legend(fontsize=TICK_PT, loc="lower right")
+    fig.suptitle(f"{display_name(model)}: weight-only quantization, per-channel", fontsize=11)
     fig.tight_layout()
     return _save(fig, plt, path)
 
@@ -119,7 +127,7 @@ def allocation_plot(model: str, info: Dict[str, Any], records: Sequence[Dict[str
     if not levels:  # fall back to whatever MixQuant configs exist
         levels = sorted({r["level"] for r in records if r["model"] == model and r["selector"] == "mixquant"
                          and r.get("bits") and r["level"] is not None})
-    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(max(8, 0.22 * len(names) + 3), 6.5), sharex=True,
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(max(8, 0.2 * len(names) + 3), 7.5), sharex=True,
                                   gridspec_kw={"height_ratios": [3, 1.2]})
     width = 0.8 / max(1, len(levels))
     for i, level in enumerate(levels):
@@ -133,14 +141,14 @@ def allocation_plot(model: str, info: Dict[str, Any], records: Sequence[Dict[str
     ax.set_ylim(0, 8.8)
     ax.set_yticks(range(0, 9))
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left")
-    ax.set_title(f"{info.get('title', model)}: MixQuant's per-layer bit-widths "
-                 f"(budget rule, per-channel; {pinned_note})", fontsize=10)
+    ax.legend(fontsize=TICK_PT, loc="upper left")
+    ax.set_title(f"{display_name(model)}: MixQuant's per-layer bit-widths "
+                 f"(budget rule, per-channel; {pinned_note})", fontsize=11)
     ax2.bar(range(len(names)), [l["params"] for l in layers], color="0.5")
     ax2.set_yscale("log")
     ax2.set_ylabel("weights")
     ax2.set_xticks(range(len(names)))
-    ax2.set_xticklabels(names, rotation=90, fontsize=6 if len(names) > 20 else 8)
+    ax2.set_xticklabels(names, rotation=90, fontsize=TICK_PT)
     fig.tight_layout()
     return _save(fig, plt, path)
 
@@ -154,12 +162,12 @@ def heatmap_plot(model: str, info: Dict[str, Any], records: Sequence[Dict[str, A
     names = [l["name"] for l in info["layers"] if l["name"] in errors]
     bits = errors[names[0]]["bits"]
     grid = np.array([[math.log10(max(v, 1e-12)) for v in errors[n]["norm"]] for n in names])
-    fig, ax = plt.subplots(figsize=(6.5, max(3.5, 0.16 * len(names) + 1.5)))
+    fig, ax = plt.subplots(figsize=(7, max(3.5, 0.17 * len(names) + 2)))
     im = ax.imshow(grid, aspect="auto", cmap="viridis_r")
     ax.set_xticks(range(len(bits)))
     ax.set_xticklabels([str(b) for b in bits])
     ax.set_yticks(range(len(names)))
-    ax.set_yticklabels(names, fontsize=6 if len(names) > 20 else 8)
+    ax.set_yticklabels(names, fontsize=TICK_PT)
     ax.set_xlabel("weight bits")
     cb = fig.colorbar(im, ax=ax)
     cb.set_label("log10 normalised roundoff error  sum((w-q(w))^2) / sum(w^2)")
@@ -179,9 +187,9 @@ def heatmap_plot(model: str, info: Dict[str, Any], records: Sequence[Dict[str, A
             ax.scatter(xs, ys, marker=mark, facecolors="none", edgecolors="w", s=28,
                        label=f"MixQuant at {rec['avg_bits']:.2f} avg bits")
     if levels:
-        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.07 - 1.2 / max(len(names), 4)),
+        ax.legend(fontsize=TICK_PT, loc="upper center", bbox_to_anchor=(0.5, -0.07 - 1.2 / max(len(names), 4)),
                   ncol=2, facecolor="0.3", labelcolor="w")
-    ax.set_title(f"{model}: per-channel asymmetric roundoff error", fontsize=10)
+    ax.set_title(f"{display_name(model)}: per-channel asymmetric roundoff error", fontsize=11)
     fig.tight_layout()
     return _save(fig, plt, path)
 
@@ -236,16 +244,43 @@ def comparison_plot(runs: Sequence[Dict[str, Any]], fp: Dict[str, float], path: 
     ax.set_ylabel("%")
     ax.set_ylim(0, 105)
     ax.set_xticks(list(xs))
-    ax.set_xticklabels(labels, fontsize=7)
-    ax.legend(fontsize=7)
+    ax.set_xticklabels(labels, fontsize=TICK_PT + 1)
+    ax.legend(fontsize=TICK_PT)
     ax2.bar(list(xs), [max(r["metrics"]["kl"], 1e-5) for r in runs], 0.6, color="C3")
     ax2.set_yscale("log")
     ax2.set_ylabel("KL(FP32 || quantized), nats")
     ax2.set_xticks(list(xs))
-    ax2.set_xticklabels(labels, fontsize=7)
+    ax2.set_xticklabels(labels, fontsize=TICK_PT + 1)
     for a in (ax, ax2):
         a.grid(axis="y", alpha=0.3)
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return _save(fig, plt, path)
+
+
+def bits_curve_plot(points: Sequence[Dict[str, Any]], fp: Dict[str, float], path: str, title: str = "") -> str:
+    """Agreement with FP32 and KL against average weight bits, one line per selector (demo report)."""
+    plt = require_matplotlib()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
+    styles = {"uniform": dict(color="0.35", marker="o"), "MixQuant": dict(color="C0", marker="s")}
+    for selector, style in styles.items():
+        sel = sorted((p for p in points if p["selector"] == selector), key=lambda p: p["avg_bits"])
+        if not sel:
+            continue
+        xs = [p["avg_bits"] for p in sel]
+        axes[0].plot(xs, [100 * p["metrics"]["agree"] for p in sel], label=selector, **style)
+        axes[1].plot(xs, [max(p["metrics"]["kl"], 1e-5) for p in sel], label=selector, **style)
+    axes[0].set_ylabel("top-1 agreement with FP32, %")
+    axes[0].set_ylim(0, 105)
+    axes[1].set_ylabel(METRIC_LABELS["kl"])
+    axes[1].set_yscale("log")
+    for ax in axes:
+        ax.set_xlabel("average weight bits (parameter-weighted)")
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=TICK_PT + 1)
+        ax.legend(fontsize=TICK_PT + 1)
+    if title:
+        fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     return _save(fig, plt, path)

@@ -31,12 +31,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..io.files import write_text_atomic
-from .setups import SCALES, SETUP_NAMES, EvalData, Scale, Setup, build_setup, first_last_layers
+from .names import METHODS, SETUP_NAMES
+from .setups import SCALES, EvalData, Scale, Setup, build_setup, first_last_layers
 
 __all__ = ["Job", "METHODS", "RECORD_KEYS", "run_experiments", "plan_jobs", "machine_info",
            "load_results", "save_results", "merge_results"]
 
-METHODS = ("asymmetric", "brecq")
 PIN_BITS = 8
 
 #: Keys of every record (``metrics`` holds ``top1``, ``agree``, ``kl`` and, for
@@ -116,6 +116,7 @@ def plan_jobs(setup: Setup, scale: Scale, methods: Sequence[str], seeds: Sequenc
     """Every run of one model, in execution order (cheap ones first)."""
     m = setup.name
     full = scale.full_grid
+    seeds = list(seeds)[: scale.max_seeds] if scale.max_seeds else list(seeds)
     jobs: List[Job] = []
     if "asymmetric" in methods:
         if full:

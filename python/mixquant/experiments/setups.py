@@ -21,10 +21,13 @@ documented run).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import nn
+
+from ..nn.order import first_last_layers
+from .names import SETUP_NAMES
 
 __all__ = ["Scale", "Setup", "EvalData", "SETUP_NAMES", "build_setup", "first_last_layers"]
 
@@ -41,9 +44,13 @@ class Scale:
     brecq_scale: float  # multiplies each set-up's BRECQ iterations
     brecq_samples: Optional[int]  # overrides each set-up's BRECQ calibration size
     full_grid: bool  # run every study (quick runs a reduced grid)
+    image_size: int = 224  # ImageNet crops (MobileNetV2)
+    max_seeds: Optional[int] = None  # seeds kept of those requested (None: all)
 
 
-QUICK = Scale("quick", eval_limit=512, crops=2, photos=4, calib=32, brecq_scale=0.0, brecq_samples=16, full_grid=False)
+# quick: every code path once, in seconds (small crops, one seed, BRECQ without iterations).
+QUICK = Scale("quick", eval_limit=256, crops=2, photos=4, calib=16, brecq_scale=0.0, brecq_samples=8, full_grid=False,
+              image_size=96, max_seeds=1)
 DEFAULT = Scale("default", eval_limit=None, crops=5, photos=None, calib=256, brecq_scale=1.0, brecq_samples=None,
                 full_grid=True)
 SCALES = {"quick": QUICK, "default": DEFAULT}
@@ -90,15 +97,6 @@ class Setup:
     batch_size: int = 250
 
 
-def first_last_layers(model: nn.Module, sample: torch.Tensor) -> Tuple[str, str]:
-    """Names of the first and last quantizable layer in execution order."""
-    from ..nn.layers import find_layers
-    from ..methods.common import execution_order
-
-    order = execution_order(model, list(find_layers(model)), sample[:1])
-    return order[0], order[-1]
-
-
 # --------------------------------------------------------------------------
 # MobileNetV2 on real photos
 # --------------------------------------------------------------------------
@@ -110,12 +108,15 @@ def _mnv2_eval(scale: Scale) -> EvalData:
     photos = zoo.imagenet_photos()
     if scale.photos is not None:
         photos = photos[: scale.photos]
-    views = [zoo.imagenet_crops(img, n=scale.crops, mode="grid") for img, _, _ in photos]
+    size = scale.image_size
+    views = [zoo.imagenet_crops(img, n=scale.crops, mode="grid", resize=round(size * 256 / 224), size=size)
+             for img, _, _ in photos]
     x = torch.cat(views)
     y = torch.tensor([label for _, label, _ in photos]).repeat_interleave(scale.crops)
     center = torch.arange(len(photos)) * scale.crops  # grid view 0 is the centre crop
     desc = (f"{len(photos)} labelled ImageNet photos (foolbox) x {scale.crops} grid views "
-            f"(resize 256, five 224 crops{' + mirrors' if scale.crops > 5 else ''}) = {x.shape[0]} images")
+            f"(resize {round(size * 256 / 224)}, five {size} crops{' + mirrors' if scale.crops > 5 else ''}) "
+            f"= {x.shape[0]} images")
     return EvalData(x, y, center, desc)
 
 
@@ -124,7 +125,8 @@ def _mnv2_calib(scale: Scale, seed: int) -> torch.Tensor:
 
     photos = zoo.unlabelled_photos()
     per = -(-scale.calib // len(photos))
-    views = [zoo.imagenet_crops(img, n=per, mode="random", seed=1000 * seed + i) for i, (img, _) in enumerate(photos)]
+    views = [zoo.imagenet_crops(img, n=per, mode="random", seed=1000 * seed + i, size=scale.image_size)
+             for i, (img, _) in enumerate(photos)]
     # interleave so that any prefix covers every photo
     x = torch.stack(views, 1).reshape(-1, *views[0].shape[1:])
     return x[: scale.calib].contiguous()
@@ -266,7 +268,6 @@ def _builders() -> Dict[str, Callable[[Scale], Setup]]:
     }
 
 
-SETUP_NAMES: Sequence[str] = ("mobilenet_v2", "resnet20", "mnist_ccexam", "mnist_digit")
 
 
 def build_setup(name: str, scale: Scale) -> Setup:

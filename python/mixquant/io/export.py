@@ -47,7 +47,7 @@ from ..core.limits import MAX_ACT_BITS, MAX_BITS, MIN_ACT_BITS, MIN_BITS
 from ..nn import qmodules
 from ..nn.layers import tied_weights
 from ..nn.fold import apply_fold_structure
-from ..nn.layers import channel_axis
+from ..nn.layers import channel_axis, is_scripted, submodule
 from ..nn.packed import PACKED_KEY, pack_layer
 from ..nn.parametrized import materialize_weights
 from . import strict_json
@@ -129,7 +129,7 @@ def export(qmodel: nn.Module, path: PathLike, *, overwrite: bool = False) -> Exp
     layers_meta = {}
     packed_bytes = qparam_bytes = 0
     for name, bits in state.config.bits.items():
-        layer = qmodel.get_submodule(name)
+        layer = submodule(qmodel, name)
         codes = _layer_codes(layer, name)
         packed = torch.from_numpy(pack_bits(codes.reshape(-1), bits).copy())
         p = _prefix(name)
@@ -458,9 +458,12 @@ def load_quantized(path: PathLike, model: nn.Module, *, packed: bool = False) ->
     device = next((p.device for p in work.parameters()), torch.device("cpu"))
     state_dict: Dict[str, torch.Tensor] = {}
     for name in config.bits:
-        layer = work.get_submodule(name)
+        layer = submodule(work, name)
         codes, scale, zp, bits, axis, gs = _layer_tensors(tensors, name, layers_meta[name], config, layer, path)
         if packed:
+            if is_scripted(layer):
+                raise ValueError(f"{path!r}: the packed runtime replaces modules, which a TorchScript model does not "
+                                 "allow (load it unpacked)")
             if gs is not None:
                 raise ValueError(f"{path!r}: layer {name!r} has groups of {gs}; the packed runtime decodes "
                                  "per-channel and per-tensor layers only (load it unpacked)")
@@ -472,9 +475,10 @@ def load_quantized(path: PathLike, model: nn.Module, *, packed: bool = False) ->
         else:
             qmodules.set_quantized_weight(layer, _unpacked(codes, bits, config.shapes[name]), scale, zp, bits, axis,
                                           gs)
-            keys = ("weight", "weight_scale", "weight_zero_point")
+            # a TorchScript layer holds its scale and zero point outside the state_dict
+            keys = ("weight",) if is_scripted(layer) else ("weight", "weight_scale", "weight_zero_point")
         for key in keys:
-            state_dict[_prefix(name) + key] = layer._buffers.get(key, layer._parameters.get(key)).detach()
+            state_dict[_prefix(name) + key] = getattr(layer, key).detach()
         for alias in config.tied.get(name, []):  # the same Parameter: it already holds the quantized values
             state_dict[_prefix(alias) + "weight"] = layer.weight.detach()
     owned = set(state_dict)
@@ -495,7 +499,8 @@ def load_quantized(path: PathLike, model: nn.Module, *, packed: bool = False) ->
         work.load_state_dict(state_dict, strict=True)
     except RuntimeError as exc:
         raise ValueError(f"{path!r} does not fit this model: {exc}") from None
-    work.to(device)
+    if not is_scripted(work):  # a TorchScript model stays where it was loaded (its .to() warns)
+        work.to(device)
     work.eval()
     work.mixquant_state = QuantState(
         method=str(metadata.get("method", "unknown")), config=config, requested_bits=dict(requested),

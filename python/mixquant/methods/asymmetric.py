@@ -14,7 +14,7 @@ from ..core.ranges import spec_qparams
 from ..core.spec import QuantizerSpec
 from ..nn import qmodules
 from ..nn.fold import fold_bn_pairs
-from ..nn.layers import channel_axis
+from ..nn.layers import channel_axis, submodule
 from .blocks import build_units
 from .common import MethodResult, QuantJob, check_optional_bits, check_type, observe_activations, plan_activations
 
@@ -30,8 +30,6 @@ class AsymmetricOptions:
             search with the native kernel, lowest Lp error); None (default) = the config's ``clip``.
         p: norm of the "mse" search error (``sum |w - w_hat|^p``); None (default) = the config's ``p``.
         fold_bn: fold batch norms into the preceding layers before quantizing. Default False.
-        keep_first_last_8bit: raise the first and last layer's weights to at
-            least 8 bits. Default False (the config is applied as is).
         first_layer_input_bits: bits of the model input (the first layer's
             input) when ``act_bits`` is set; None leaves it in float. Default 8.
         last_layer_input_bits: bits of the last layer's input; None = ``act_bits``. Default None.
@@ -44,7 +42,6 @@ class AsymmetricOptions:
     clip: Optional[str] = None
     p: Optional[float] = None
     fold_bn: bool = False
-    keep_first_last_8bit: bool = False
     first_layer_input_bits: Optional[int] = 8
     last_layer_input_bits: Optional[int] = None
     quantize_block_outputs: bool = False
@@ -58,7 +55,7 @@ class AsymmetricOptions:
             check_type(self.p, (int, float), "p")
             if not self.p > 0:
                 raise ValueError(f"p must be > 0 or None, got {self.p}")
-        for name in ("fold_bn", "keep_first_last_8bit", "quantize_block_outputs"):
+        for name in ("fold_bn", "quantize_block_outputs"):
             check_type(getattr(self, name), bool, name)
         check_optional_bits(self.first_layer_input_bits, "first_layer_input_bits")
         check_optional_bits(self.last_layer_input_bits, "last_layer_input_bits")
@@ -94,7 +91,7 @@ def quantize_asymmetric(model: nn.Module, job: QuantJob, options: AsymmetricOpti
         result.folded_bn = fold_bn_pairs(model)
     spec = applied_spec(job, options)
     for name, bits in job.bits.items():
-        quantize_weights_rtn(model.get_submodule(name), bits, applied_spec(job, options, name), name)
+        quantize_weights_rtn(submodule(model, name), bits, applied_spec(job, options, name), name)
     if job.act_bits is not None:
         blocks = [u.name for u in build_units(model, job.bits, job.order) if u.kind == "block"]
         inputs, outputs = plan_activations(

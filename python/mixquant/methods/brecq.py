@@ -92,7 +92,6 @@ class BrecqOptions:
         fisher_damping: added to the absolute gradient before squaring. Default 1.0.
         act_iters: step-size iterations per unit when ``act_bits`` is set. Default 5000.
         act_lr: Adam learning rate of activation step sizes (cosine schedule). Default 4e-4.
-        keep_first_last_8bit: the first and last layer get at least 8-bit weights. Default True.
         first_layer_input_bits: bits of the model input (first layer's input); None leaves it float. Default 8.
         last_layer_input_bits: bits of the last layer's input; None = ``act_bits``. Default 8.
         quantize_block_outputs: quantize each residual block's output (after the add). Default True.
@@ -124,7 +123,6 @@ class BrecqOptions:
     fisher_damping: float = 1.0
     act_iters: int = 5000
     act_lr: float = 4e-4
-    keep_first_last_8bit: bool = True
     first_layer_input_bits: Optional[int] = 8
     last_layer_input_bits: Optional[int] = 8
     quantize_block_outputs: bool = True
@@ -161,7 +159,7 @@ class BrecqOptions:
         self.beta_range = (float(self.beta_range[0]), float(self.beta_range[1]))
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
-        for name in ("keep_first_last_8bit", "quantize_block_outputs", "never_worse", "distributed"):
+        for name in ("quantize_block_outputs", "never_worse", "distributed"):
             check_type(getattr(self, name), bool, name)
         check_optional_bits(self.first_layer_input_bits, "first_layer_input_bits")
         check_optional_bits(self.last_layer_input_bits, "last_layer_input_bits")
@@ -360,7 +358,8 @@ def make_step(
             rec = rec_loss(module(x), y, w, data.channel_dim, of=idx.numel())
             rec.backward()
         if shard.distributed:
-            state.w.grad, rec = shard.summed([state.w.grad, rec], [state.w, no_loss], f"AdaRound iteration {it} (summing the gradient)")
+            state.w.grad, rec = shard.summed([state.w.grad, rec], [state.w, no_loss],
+                                             f"AdaRound iteration {it} (summing the gradient)")
         warm = sched.in_warmup(it) or lam == 0
         state.step(0.0 if warm else lam, sched(it))
         return rec.detach()

@@ -12,7 +12,8 @@ import torch.nn as nn
 from ..core.limits import MAX_ACT_BITS, MIN_ACT_BITS
 from ..core.spec import QuantizerSpec
 from ..nn import qmodules
-from ..nn.calib import batches, eval_mode
+from ..nn.calib import batches
+from ..nn.order import execution_order  # noqa: F401 - re-exported for the methods
 
 if TYPE_CHECKING:  # for the annotation only: data_parallel sits above this module
     from .data_parallel import Shard
@@ -28,7 +29,7 @@ class QuantJob:
     """Everything a method needs besides its own options (built and validated by :func:`mixquant.quantize`).
 
     Attributes:
-        bits: layer fqn → weight bits actually applied (first/last overrides included).
+        bits: layer fqn → weight bits, exactly the config's.
         spec: the weight quantizer of the config (granularity, symmetry, range rule and its
             norm), applied unless a method option overrides a field explicitly.
         act_bits: activation bits, or None for weight-only quantization.
@@ -86,12 +87,35 @@ def check_type(value: Any, types: Any, name: str) -> None:
         raise TypeError(f"{name} must be {getattr(types, '__name__', types)}, got {type(value).__name__}")
 
 
+# Options that no longer exist, with what replaced them. Passing the value that
+# is now the only behaviour (False: "do not change the config's bits") is accepted.
+REMOVED_OPTIONS = {
+    "keep_first_last_8bit": (
+        False,
+        "a method applies every layer's configured bits as they are; pin the first and last layer in the "
+        "config instead: mixquant.search(model, ..., keep=mixquant.keep_first_last(model, example_input)) "
+        "(or mixquant.uniform(..., keep=...); on the command line, search --keep-first-last 8)",
+    ),
+}
+
+
+def _drop_removed(overrides: Mapping[str, Any]) -> Dict[str, Any]:
+    out = dict(overrides)
+    for key, (harmless, replacement) in REMOVED_OPTIONS.items():
+        if key in out:
+            value = out.pop(key)
+            if value is not harmless:
+                raise ValueError(f"option {key}={value!r} was removed: {replacement}")
+    return out
+
+
 def build_options(cls: Type[T], options: Optional[T], overrides: Mapping[str, Any]) -> T:
     """An options instance: ``options`` (or the defaults) with ``overrides`` applied and validated.
 
     TypeError naming the first unknown option.
     """
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    overrides = _drop_removed(overrides)
     for key in overrides:
         if key not in names:
             raise TypeError(
@@ -102,31 +126,6 @@ def build_options(cls: Type[T], options: Optional[T], overrides: Mapping[str, An
     if not isinstance(options, cls):
         raise TypeError(f"options must be a {cls.__name__}, got {type(options).__name__}")
     return dataclasses.replace(options, **overrides)  # re-runs __post_init__ validation
-
-
-def execution_order(model: nn.Module, names: List[str], sample: Optional[torch.Tensor]) -> List[str]:
-    """``names`` sorted by when each layer first runs on ``sample``; layers that never run keep their order at the end.
-
-    Without a sample, definition order is kept.
-    """
-    if sample is None:
-        return list(names)
-    modules = dict(model.named_modules())
-    seen: Dict[str, int] = {}
-    handles = []
-    for name in names:
-        def hook(_m: nn.Module, _a: tuple, name: str = name) -> None:
-            seen.setdefault(name, len(seen))
-        handles.append(modules[name].register_forward_pre_hook(hook))
-    try:
-        p = next(model.parameters(), None)
-        with torch.no_grad(), eval_mode(model):
-            model(sample.to(p.device if p is not None else "cpu"))
-    finally:
-        for h in handles:
-            h.remove()
-    ran = sorted((n for n in names if n in seen), key=seen.__getitem__)
-    return ran + [n for n in names if n not in seen]
 
 
 def plan_activations(

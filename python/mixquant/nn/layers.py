@@ -33,7 +33,23 @@ _QUANTIZABLE: Dict[Type[nn.Module], int] = {
     nn.Embedding: 0,
 }
 
-__all__ = ["find_layers", "register_quantizable", "channel_axis", "is_quantizable", "is_embedding", "tied_weights"]
+__all__ = ["find_layers", "register_quantizable", "channel_axis", "is_quantizable", "is_embedding", "tied_weights",
+           "is_scripted", "submodule"]
+
+
+def is_scripted(module: nn.Module) -> bool:
+    """True for a TorchScript module (``torch.jit.script`` / ``torch.jit.load``)."""
+    return isinstance(module, torch.jit.ScriptModule)
+
+
+def submodule(model: nn.Module, name: str) -> nn.Module:
+    """``model.get_submodule(name)``, also for TorchScript models (which do not support it)."""
+    if not is_scripted(model):
+        return model.get_submodule(name)
+    modules = dict(model.named_modules())
+    if name not in modules:
+        raise AttributeError(f"{type(model).__name__} has no submodule {name!r}")
+    return modules[name]
 
 
 def register_quantizable(cls: Type[nn.Module], ch_axis: int = 0) -> Type[nn.Module]:
@@ -53,7 +69,7 @@ def _registered_axis(module: nn.Module) -> Optional[int]:
     for cls in type(module).__mro__:
         if cls in _QUANTIZABLE:
             return _QUANTIZABLE[cls]
-    if isinstance(module, torch.jit.ScriptModule):  # a loaded TorchScript layer keeps only its class name
+    if is_scripted(module):  # a loaded TorchScript layer keeps only its class name
         name = getattr(module, "original_name", None)
         for cls, axis in _QUANTIZABLE.items():
             if cls.__name__ == name:

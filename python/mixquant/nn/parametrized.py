@@ -16,6 +16,8 @@ from typing import Iterable, List
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
+from .layers import is_scripted, submodule
+
 __all__ = ["materialize_weight", "materialize_weights"]
 
 # The hook-based reparametrizations of torch.nn.utils (deprecated, still found in old models).
@@ -28,6 +30,8 @@ def materialize_weight(layer: nn.Module, name: str = "layer") -> bool:
     ValueError when the weight is still not a Parameter afterwards (computed
     some other way mixquant does not know how to undo).
     """
+    if is_scripted(layer):  # TorchScript has neither parametrizations nor hooks; its weight is a Parameter
+        return False
     changed = False
     if parametrize.is_parametrized(layer, "weight"):
         originals = list(layer.parametrizations["weight"].parameters())
@@ -54,4 +58,4 @@ def materialize_weight(layer: nn.Module, name: str = "layer") -> bool:
 
 def materialize_weights(model: nn.Module, names: Iterable[str]) -> List[str]:
     """:func:`materialize_weight` for each named layer of ``model``; returns the names that changed."""
-    return [name for name in names if materialize_weight(model.get_submodule(name), name)]
+    return [name for name in names if materialize_weight(submodule(model, name), name)]

@@ -96,7 +96,9 @@ def set_quantized_weight(
 
     The ``weight`` Parameter object is kept (its data is replaced), so
     optimizers or tied references to it stay valid. Group parameters
-    (``group_size``) are stored as ``[C, G]``.
+    (``group_size``) are stored as ``[C, G]``. A TorchScript layer cannot
+    take new buffers: there the scale and zero point are plain attributes
+    (outside its ``state_dict``), which export and :func:`mixquant.quant_info` read the same way.
     """
     weight = layer.weight
     if tuple(codes.shape) != tuple(weight.shape):
@@ -108,7 +110,9 @@ def set_quantized_weight(
     scale = scale.detach().to(device=weight.device, dtype=torch.float32).reshape(shape).clone()
     zero_point = zero_point.detach().to(device=weight.device, dtype=torch.int32).reshape(shape).clone()
     for name, value in (("weight_scale", scale), ("weight_zero_point", zero_point)):
-        if name in layer._buffers:
+        if isinstance(layer, torch.jit.ScriptModule):
+            setattr(layer, name, value)
+        elif name in layer._buffers:
             layer._buffers[name] = value
         else:
             layer.register_buffer(name, value)
@@ -152,6 +156,8 @@ def grid_codes(layer: nn.Module) -> Optional[torch.Tensor]:
 
 def is_quantized_layer(module: nn.Module) -> bool:
     """True when ``module`` carries quantized weights (see :func:`set_quantized_weight`)."""
+    if isinstance(module, torch.jit.ScriptModule):
+        return hasattr(module, "mixquant_bits") and isinstance(getattr(module, "weight_scale", None), torch.Tensor)
     return hasattr(module, "mixquant_bits") and "weight_scale" in module._buffers
 
 
