@@ -10,7 +10,9 @@ computed from measured figures by the model written out below):
    regulariser on) with 1 rank x 1 thread, 1 rank x 2 threads and 2 ranks x 1
    thread (``torch.distributed``, gloo over loopback, each rank holding half
    the cache). On a 2-core host the fair comparison of 2 ranks x 1 thread is
-   1 rank x 2 threads: both use both cores. Per iteration: the median wall
+   1 rank x 2 threads: both use both cores. Every worker process is set up as
+   the ``mixquant`` command sets itself up (:func:`mixquant.prepare_process`:
+   OpenMP's passive wait, malloc thresholds). Per iteration: the median wall
    time, and for 2 ranks the part spent in the gradient's all-reduce (which
    includes waiting for the other rank: the random batch splits unevenly).
 2. **The all-reduce alone** (2 ranks, gloo, loopback) for the gradient sizes
@@ -58,8 +60,13 @@ import tempfile
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import torch
-import torch.nn as nn
+if "--worker" in sys.argv:  # what the mixquant command does first, before torch is imported (OpenMP's wait)
+    from mixquant.core.runtime import prepare_process
+
+    prepare_process()
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
 
 # ---- the units ----
 
