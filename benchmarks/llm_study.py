@@ -236,7 +236,16 @@ def _line(records: List[Dict[str, Any]], variant: str, layout: str, level: float
 
 
 def _delta(new: float, ref: float) -> str:
-    return f"{100 * (new / ref - 1):+.1f} %"
+    ratio = new / ref
+    return f"{100 * (ratio - 1):+.1f} %" if ratio <= 2 else f"x {ratio:.3g}"
+
+
+def _ppl(v: float) -> str:
+    return f"{v:.2f}" if v < 1e4 else f"{v:.2e}"
+
+
+def _emb(r: Dict[str, Any]) -> str:
+    return f"{r['embed_bits']} bits, " + ("per channel" if r["embed_group_size"] is None else f"g{r['embed_group_size']}")
 
 
 def report(results: Dict[str, Any]) -> str:
@@ -264,14 +273,13 @@ def report(results: Dict[str, Any]) -> str:
                     uni = _line(recs, variant, ref_layout, level, m["bits_per_weight"] if m else None)
                 if m is None and uni is None:
                     continue
-                ucell = "-" if uni is None else (f"{uni[1]:.2f}" + (" (line)" if level != int(level) else ""))
+                ucell = "-" if uni is None else (_ppl(uni[1]) + (" (line)" if level != int(level) else ""))
                 if layout == "chosen" and uni is not None:
-                    ucell = f"{uni[1]:.2f} (MixQuant g128)"
-                mcell = "-" if m is None else (f"{m['perplexity']:.2f}" + (" (= uniform)" if m.get("same_as_uniform")
-                                                                           else ""))
+                    ucell = f"{_ppl(uni[1])} (MixQuant g128)"
+                mcell = "-" if m is None else (_ppl(m["perplexity"]) + (" (= uniform)" if m.get("same_as_uniform")
+                                                                        else ""))
                 delta = _delta(m["perplexity"], uni[1]) if m and uni else "-"
-                emb = "-" if m is None else f"{m['embed_bits']} bits" + (
-                    "" if m["embed_group_size"] is None else f", g{m['embed_group_size']}")
+                emb = "-" if m is None else _emb(m)
                 if layout == "chosen" and m is not None:
                     used = sorted({k.split('/')[1] if '/' in k else 'channel' for k in m["weights_by_bits"]})
                     emb += f"; layouts used: {', '.join(used)}"
@@ -292,10 +300,9 @@ def report(results: Dict[str, Any]) -> str:
                     continue
                 p = _find(recs, variant="pinned", layout=layout, rule="mixquant", level=level)
                 uni = _line(recs, "pinned", layout, level, p["bits_per_weight"] if p else None)
-                ucell = "-" if uni is None else f"{uni[1]:.2f}" + (" (line)" if level != int(level) else "")
-                emb = f"{f['embed_bits']} bits" + ("" if f["embed_group_size"] is None else f", g{f['embed_group_size']}")
+                ucell = "-" if uni is None else _ppl(uni[1]) + (" (line)" if level != int(level) else "")
                 lines.append(f"| {LAYOUT_TITLES[layout]} | {level:g} | {f['budget_bpw']:.3f} | {ucell} | "
-                             f"{'-' if p is None else format(p['perplexity'], '.2f')} | {f['perplexity']:.2f} | {emb} |")
+                             f"{'-' if p is None else _ppl(p['perplexity'])} | {_ppl(f['perplexity'])} | {_emb(f)} |")
         lines.append("")
     runs = results.get("runs", [])
     secs = sum(r.get("seconds", 0) for r in runs)
