@@ -33,6 +33,7 @@ RANKS = {
     "mixquant.io.models": 1,
     "mixquant.io.strict_json": 1,
     "mixquant.io.checkpoint": 1,
+    "mixquant.parallel": 1,  # torch.distributed set-up and collectives: nothing of mixquant
     "mixquant.nn": 2,
     "mixquant.allocation": 3,
     "mixquant.methods": 3,

@@ -44,6 +44,7 @@ _EXPORTS = {
     "BrecqOptions": "methods.brecq", "BrecqReport": "methods.brecq",
     "fold_bn": "nn.fold",
     "channel_axis": "nn.layers", "find_layers": "nn.layers", "register_quantizable": "nn.layers",
+    "RankFailure": "parallel",
 }
 
 if TYPE_CHECKING:  # what static tools see; at run time the names resolve in __getattr__
@@ -66,6 +67,7 @@ if TYPE_CHECKING:  # what static tools see; at run time the names resolve in __g
     from .nn.fold import fold_bn
     from .nn.layers import channel_axis, find_layers, register_quantizable
     from .nn.order import first_last_layers
+    from .parallel import RankFailure
     from .presets import BRECQ_PRESETS, brecq_preset
 
 
@@ -96,6 +98,7 @@ __all__ = [
     "BrecqReport",
     "ExportInfo",
     "QuantInfo",
+    "RankFailure",
     "export",
     "export_onnx",
     "OnnxExportInfo",

@@ -8,24 +8,36 @@ to float32 run by run (a bfloat16 or float16 checkpoint never exists in
 float32 as a whole), and measured with the same kernels as the in-memory
 search: rows are independent, so the tables are exactly the ones
 :func:`mixquant.search` computes on the loaded model, and so is the config.
+
+With ``distributed=True`` under ``torchrun`` the ranks split the layers
+(largest first, each to the least loaded rank), measure their share, and
+exchange the per-bit-width figures (float64, exactly); every rank then applies
+the rule to the same tables, so the config is the single-process one, on
+every rank.
 """
 
 from __future__ import annotations
 
 import fnmatch
+from dataclasses import dataclass
 from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from ..allocation.rules import DEFAULT_OBJECTIVE
 from ..allocation.bitconfig import BitConfig
+from ..allocation.tables import pack_totals, totals_size, unpack_totals
 from ..core.backend import resolve_backend, resolve_threads
 from ..core.error import RoundoffError, join_rows, row_table
 from ..core.limits import DEFAULT_CANDIDATES, DEFAULT_P
 from ..core.spec import QuantizerSpec
 from ..core.tensors import as_matrix, widen_into
 from ..io.checkpoint import FLOAT_DTYPES, TensorInfo, list_tensors, read_rows, read_tensor
-from .search import GroupSizes, _check_keep, check_rule, decide, layout_options
+from ..parallel import comm, launch
+from ..parallel.workers import Workers
+from ..parallel.shards import assign_by_cost
+from .search import GroupSizes, SearchRule, _check_keep, check_rule, decide, layout_options
 
 __all__ = ["search_checkpoint", "checkpoint_layers", "layer_runs", "ROWS_ELEMS"]
 
@@ -124,6 +136,86 @@ def _tables(name: str, info: TensorInfo, ch_axis: int, bits: List[int], specs: M
     return {gs: join_rows(parts[gs], bits, spec, info.numel, label).totals() for gs, spec in specs.items()}
 
 
+@dataclass
+class _Plan:
+    """A checked search of a checkpoint, before any tensor is read."""
+
+    rule: SearchRule
+    spec: QuantizerSpec
+    sizes: List[Optional[int]]
+    chosen: bool
+    layers: Dict[str, TensorInfo]
+    axes: Dict[str, int]
+    keep: Dict[str, int]
+    table_bits: Dict[str, List[int]]
+    specs: Dict[Optional[int], QuantizerSpec]
+
+    def decide(self, tables: Mapping[str, Mapping[Optional[int], RoundoffError]]) -> BitConfig:
+        return decide({n: t.shape for n, t in self.layers.items()}, self.axes, tables, self.spec, self.rule,
+                      self.sizes, self.chosen, self.keep)
+
+
+def _plan(path, bits, qem, ref_bits, qem_reference, avg_bits, max_bytes, bits_per_weight, objective, per_channel,
+          symmetric, clip, p, group_size, keep, include, exclude, transposed) -> _Plan:
+    rule = check_rule(bits, qem, ref_bits, qem_reference, avg_bits, max_bytes, bits_per_weight, objective)
+    spec = QuantizerSpec(per_channel, symmetric, clip, p)
+    sizes, chosen = layout_options(group_size, per_channel, rule)
+    layers = checkpoint_layers(list_tensors(path), include, exclude)
+    if not layers:
+        raise ValueError(f"{str(path)!r} holds no weight tensor (2-D or more, named 'weight' or '*.weight') "
+                         "left after include/exclude")
+    transposed = _patterns(transposed, "transposed")
+    axes = {n: 1 if _matches(n, transposed) else 0 for n in layers}
+    keep = _check_keep(keep, list(layers))
+    return _Plan(rule, spec, sizes, chosen, layers, axes, keep, rule.table_bits(layers, keep),
+                 {gs: spec.replace(group_size=gs) for gs in sizes})
+
+
+def _measure(plan: _Plan, names: Sequence[str], be: str, nt: int, progress: bool,
+             desc: str = "roundoff error") -> Dict[str, Dict[Optional[int], RoundoffError]]:
+    """The tables of the layers ``names``, read one after the other."""
+    if not names:
+        return {}
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=sum(plan.layers[n].nbytes for n in names), desc=desc, unit="B", unit_scale=True)
+    buf = torch.empty(min(ROWS_ELEMS, max(plan.layers[n].numel for n in names)), dtype=torch.float32)
+    try:
+        tables = {}
+        for name in names:
+            info = plan.layers[name]
+            if bar is not None:
+                bar.set_postfix_str(info.name, refresh=False)
+            tables[name] = _tables(name, info, plan.axes[name], plan.table_bits[name], plan.specs, be, nt, bar, buf)
+    finally:
+        if bar is not None:
+            bar.close()
+    return tables
+
+
+def _exchange(w: Workers, plan: _Plan, local: Mapping[str, Mapping[Optional[int], RoundoffError]]
+              ) -> Dict[str, Dict[Optional[int], RoundoffError]]:
+    """Every layer's tables on every rank: each rank writes its layers' figures into one zeroed float64
+    vector and the vectors are summed (a figure plus zeros is the figure, exactly)."""
+    offsets, at = {}, 0
+    for name in plan.layers:
+        for gs in plan.sizes:
+            offsets[name, gs] = at
+            at += totals_size(len(plan.table_bits[name]))
+    flat = np.zeros(at, dtype=np.float64)
+    for name, by_gs in local.items():
+        for gs, table in by_gs.items():
+            start = offsets[name, gs]
+            pack_totals(table, flat[start: start + totals_size(len(table.bits))])
+    summed = comm.all_reduce_(w, torch.from_numpy(flat), "sum", "exchanging the error tables").numpy()
+    return {name: {gs: unpack_totals(summed[offsets[name, gs]: offsets[name, gs] + totals_size(len(bits))], bits,
+                                     plan.layers[name].numel, plan.specs[gs])
+                   for gs in plan.sizes}
+            for name, bits in plan.table_bits.items()}
+
+
 def search_checkpoint(
     path,
     bits: Iterable[int] = DEFAULT_CANDIDATES,
@@ -147,6 +239,7 @@ def search_checkpoint(
     backend: Optional[str] = None,
     num_threads: Optional[int] = None,
     progress: bool = False,
+    distributed: bool = False,
 ) -> BitConfig:
     """The MixQuant search on a safetensors checkpoint (a file or a folder of shards), without the model.
 
@@ -160,33 +253,31 @@ def search_checkpoint(
     Peak memory is about one run of rows (at most :data:`ROWS_ELEMS` weights in
     float32, plus its bfloat16/float16 source) and one layer's tables, except for
     per-tensor quantizers and transposed layers, which read a whole tensor.
-    """
-    rule = check_rule(bits, qem, ref_bits, qem_reference, avg_bits, max_bytes, bits_per_weight, objective)
-    spec = QuantizerSpec(per_channel, symmetric, clip, p)
-    sizes, chosen = layout_options(group_size, per_channel, rule)
-    be, nt = resolve_backend(backend), resolve_threads(num_threads)
-    layers = checkpoint_layers(list_tensors(path), include, exclude)
-    if not layers:
-        raise ValueError(f"{str(path)!r} holds no weight tensor (2-D or more, named 'weight' or '*.weight') "
-                         "left after include/exclude")
-    transposed = _patterns(transposed, "transposed")
-    axes = {n: 1 if _matches(n, transposed) else 0 for n in layers}
-    keep = _check_keep(keep, list(layers))
-    table_bits = rule.table_bits(layers, keep)
-    specs = {gs: spec.replace(group_size=gs) for gs in sizes}
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
 
-        bar = tqdm(total=sum(t.nbytes for t in layers.values()), desc="roundoff error", unit="B", unit_scale=True)
-    buf = torch.empty(min(ROWS_ELEMS, max(t.numel for t in layers.values())), dtype=torch.float32)
+    ``distributed=True`` splits the layers between the ranks of a ``torchrun``
+    job (:func:`mixquant.parallel.init`; a process started without torchrun is
+    a job of one rank): call it on every rank, each needs the checkpoint at
+    ``path``. Every rank returns the same config, equal to the single-process
+    one; only rank 0 shows progress. An error on one rank (an unreadable shard)
+    is raised on all of them; a rank that dies or hangs is a
+    :class:`~mixquant.parallel.RankFailure` on the others.
+    """
+    args = (path, bits, qem, ref_bits, qem_reference, avg_bits, max_bytes, bits_per_weight, objective, per_channel,
+            symmetric, clip, p, group_size, keep, include, exclude, transposed)
+    w = launch.init() if distributed else launch.SINGLE
+    if not w.distributed:
+        plan = _plan(*args)
+        be, nt = resolve_backend(backend), resolve_threads(num_threads)
+        return plan.decide(_measure(plan, list(plan.layers), be, nt, progress))
+    plan, local, error = None, {}, None
     try:
-        tables = {}
-        for name, info in layers.items():
-            if bar is not None:
-                bar.set_postfix_str(info.name, refresh=False)
-            tables[name] = _tables(name, info, axes[name], table_bits[name], specs, be, nt, bar, buf)
-    finally:
-        if bar is not None:
-            bar.close()
-    return decide({n: t.shape for n, t in layers.items()}, axes, tables, spec, rule, sizes, chosen, keep)
+        plan = _plan(*args)
+        be, nt = resolve_backend(backend), resolve_threads(num_threads)
+        names = list(plan.layers)
+        owner = assign_by_cost([plan.layers[n].numel for n in names], w.world_size)
+        mine = [n for n, r in zip(names, owner) if r == w.rank]
+        local = _measure(plan, mine, be, nt, progress and w.is_main, f"roundoff error ({w.label()})")
+    except Exception as exc:  # noqa: BLE001 - every rank must learn of it (settle re-raises it here)
+        error = exc
+    comm.settle(w, error, "the checkpoint search")
+    return plan.decide(_exchange(w, plan, local))

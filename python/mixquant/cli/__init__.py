@@ -63,11 +63,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     prepare_process()  # before torch is imported: OpenMP reads its wait policy once
     parser = build_parser(argv)
     args = parser.parse_args(argv)
+    from ..parallel.workers import RankFailure  # imports nothing heavy
+
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, OSError, ImportError) as exc:  # OSError: missing, unwritable, a directory, ...
-        print(f"mixquant {args.command}: error: {exc}", file=sys.stderr)
+    except (ValueError, TypeError, OSError, ImportError, RankFailure) as exc:  # OSError: missing, unwritable, ...
+        from .ranks import where
+
+        print(f"mixquant {args.command}{where()}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"mixquant {args.command}: interrupted", file=sys.stderr)
+        from .ranks import where
+
+        print(f"mixquant {args.command}{where()}: interrupted", file=sys.stderr)
         return 130

@@ -93,14 +93,12 @@ def _onnx_example(args: argparse.Namespace, calib):
     raise ValueError("--format onnx needs an example input: --calib or --input-shape")
 
 
-def run(args: argparse.Namespace) -> int:
+def _inputs(args: argparse.Namespace):
+    """The model, config, calibration data, ONNX example input and method options the arguments name
+    (read and checked on each rank: no collective call)."""
     from ..allocation.bitconfig import BitConfig
-    from ..api.quantize import quant_info, quantize
-    from ..io.export import export
-    from ..io.files import check_destination
     from ..presets import brecq_preset
 
-    check_destination(args.out, args.overwrite)  # before the work, not after it
     options = {}
     if args.method == "brecq":
         options = brecq_preset(args.preset or DEFAULT_PRESET)
@@ -121,23 +119,44 @@ def run(args: argparse.Namespace) -> int:
     elif args.method == "brecq" or args.act_bits is not None:
         raise ValueError(f"--calib is required with --method {args.method}" if args.method == "brecq"
                          else "--calib is required with --act-bits")
-    example = _onnx_example(args, calib)
+    return model, config, calib, _onnx_example(args, calib), options
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..api.quantize import quant_info, quantize
+    from ..io.export import export
+    from ..io.files import check_destination
+    from .ranks import join, on_every, on_main
+
+    w = join()  # under torchrun: BRECQ's ranks share the calibration data; rank 0 writes
+    on_main(w, lambda: check_destination(args.out, args.overwrite), "checking --out")  # before the work
+    model, config, calib, example, options = on_every(w, lambda: _inputs(args), "reading the inputs")
+    split = ""
+    if args.method == "brecq" and w.distributed:
+        options["distributed"] = True  # every rank read the whole --calib; each reconstructs on its block
+        split = f", the samples split between {w.world_size} ranks"
     what = (f"BRECQ, preset {args.preset or DEFAULT_PRESET} ({options['iters']} iterations per unit on "
-            f"{min(options['num_samples'], calib_count(calib))} samples, batch {options['batch_size']}; a progress bar "
-            "per unit shows its time left)" if args.method == "brecq" else "vanilla asymmetric round-to-nearest")
-    print(f"quantizing {args.model}: {len(config.bits)} layers at an average of {config.avg_bits:.3f} bits with {what}",
-          flush=True)
+            f"{min(options['num_samples'], calib_count(calib))} samples{split}, batch {options['batch_size']}; a "
+            "progress bar per unit shows its time left)" if args.method == "brecq"
+            else "vanilla asymmetric round-to-nearest")
+    if w.is_main:
+        print(f"quantizing {args.model}: {len(config.bits)} layers at an average of {config.avg_bits:.3f} bits "
+              f"with {what}", flush=True)
     qmodel = quantize(model, config, args.method, calib_data=calib, act_bits=args.act_bits,
-                      per_channel=args.per_channel, seed=args.seed, progress=True, **options)
+                      per_channel=args.per_channel, seed=args.seed, progress=w.is_main, **options)
     if args.format == "onnx":
         from ..io.onnx_export import export_onnx
 
-        onnx_info = export_onnx(qmodel, args.out, example, overwrite=args.overwrite)  # atomic as well
-        print(quant_info(qmodel))
-        print(onnx_info.table())
+        # atomic as well
+        onnx_info = on_main(w, lambda: export_onnx(qmodel, args.out, example, overwrite=args.overwrite),
+                            "writing --out")
+        if w.is_main:
+            print(quant_info(qmodel))
+            print(onnx_info.table())
         return 0
-    info = export(qmodel, args.out, overwrite=args.overwrite)  # atomic: temporary file + rename
-    print(quant_info(qmodel))
-    print(f"wrote {args.out} ({info.file_bytes} bytes: {info.quantized_bytes} of packed weights, scales and "
-          f"zero points, {info.float_bytes} of other float tensors)")
+    info = on_main(w, lambda: export(qmodel, args.out, overwrite=args.overwrite), "writing --out")  # atomic
+    if w.is_main:
+        print(quant_info(qmodel))
+        print(f"wrote {args.out} ({info.file_bytes} bytes: {info.quantized_bytes} of packed weights, scales and "
+              f"zero points, {info.float_bytes} of other float tensors)")
     return 0

@@ -165,17 +165,19 @@ def run(args: argparse.Namespace) -> int:
     from ..api.checkpoint import search_checkpoint
     from ..api.search import search
     from ..io.files import check_destination
+    from .ranks import join, on_every, on_main
 
+    w = join()  # under torchrun: the ranks split a checkpoint's layers; rank 0 writes
     keep = parse_keep(args.keep)
     if args.input_shape is not None and args.keep_first_last is None:
         raise ValueError("--input-shape is only used by --keep-first-last")
-    if args.out:
-        check_destination(args.out, args.overwrite)  # before the work, not after it
+    if args.out:  # before the work, not after it
+        on_main(w, lambda: check_destination(args.out, args.overwrite), "checking --out")
     common = dict(
         qem=args.qem, ref_bits=args.ref_bits, qem_reference=args.qem_reference, avg_bits=args.avg_bits,
         max_bytes=args.max_bytes, bits_per_weight=args.bits_per_weight, objective=args.objective,
         per_channel=args.per_channel, symmetric=args.symmetric, clip=args.clip, group_size=args.group_size,
-        keep=keep, backend=args.backend, num_threads=args.threads, progress=True,
+        keep=keep, backend=args.backend, num_threads=args.threads, progress=w.is_main,
     )
     if is_checkpoint(args.model):
         if args.sensitivity not in (None, "weight") or args.calib:
@@ -190,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
         if args.embeddings:
             raise ValueError("--embeddings applies to a MODEL; a checkpoint's embeddings are included (use --exclude)")
         config = search_checkpoint(args.model, args.bits, include=args.include, exclude=args.exclude,
-                                   transposed=args.transposed, **common)
+                                   transposed=args.transposed, distributed=w.distributed, **common)
     else:
         if args.transposed:
             raise ValueError("--transposed applies to checkpoints; a MODEL's layers know their channel axis")
@@ -200,23 +202,25 @@ def run(args: argparse.Namespace) -> int:
             return (include is None or any(fnmatch.fnmatchcase(name, g) for g in include)) \
                 and not any(fnmatch.fnmatchcase(name, g) for g in exclude or ())
 
-        model = load_cli_model(args)
-        if args.keep_first_last is not None:
-            pinned = first_last_keep(model, args.keep_first_last, args.input_shape)
-            clash = {n: b for n, b in keep.items() if n in pinned and b != pinned[n]}
-            if clash:
-                name = next(iter(clash))
-                raise ValueError(f"--keep {name}={clash[name]} and --keep-first-last {args.keep_first_last} "
-                                 f"disagree on layer {name!r}")
-            common["keep"] = {**pinned, **keep}
-        calib = load_calib(args.calib, image_size=args.image_size, resize=args.resize) if args.calib else None
-        config = search(model, args.bits, filter_fn=selected, embeddings=args.embeddings, sensitivity=args.sensitivity,
-                        calib_data=calib, calib_samples=args.calib_samples, output_loss=args.output_loss,
-                        seed=args.seed, **common)
-    print(config)
+        def model_search():
+            model = load_cli_model(args)
+            if args.keep_first_last is not None:
+                pinned = first_last_keep(model, args.keep_first_last, args.input_shape)
+                clash = {n: b for n, b in keep.items() if n in pinned and b != pinned[n]}
+                if clash:
+                    name = next(iter(clash))
+                    raise ValueError(f"--keep {name}={clash[name]} and --keep-first-last {args.keep_first_last} "
+                                     f"disagree on layer {name!r}")
+                common["keep"] = {**pinned, **keep}
+            calib = load_calib(args.calib, image_size=args.image_size, resize=args.resize) if args.calib else None
+            return search(model, args.bits, filter_fn=selected, embeddings=args.embeddings,
+                          sensitivity=args.sensitivity, calib_data=calib, calib_samples=args.calib_samples,
+                          output_loss=args.output_loss, seed=args.seed, **common)
+
+        config = on_every(w, model_search, "the search")  # not split: every rank searches the whole model
     if args.out:
-        config.save(args.out, overwrite=args.overwrite)
-        print(f"wrote {args.out}")
-    else:
-        print("dry run: no file written (pass --out FILE to save the config)")
+        on_main(w, lambda: config.save(args.out, overwrite=args.overwrite), "writing --out")
+    if w.is_main:
+        print(config)
+        print(f"wrote {args.out}" if args.out else "dry run: no file written (pass --out FILE to save the config)")
     return 0

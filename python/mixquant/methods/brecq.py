@@ -33,6 +33,12 @@ largest cache of a run is reported (``peak_cache_bytes``). ``max_cache_mb``
 (measured on the first batch), and is checked before the cache is allocated;
 the cache is allocated once and filled in place, and only one unit's cache
 exists at a time, so the process's extra peak stays close to the limit.
+
+Across processes and hosts (``distributed=True`` under ``torchrun``): each
+rank caches and runs only its block of the samples (about ``num_samples / N``),
+so the cache, its limit and ``peak_cache_bytes`` are per rank; every
+iteration's gradient is summed over the ranks and the global batch stays
+``batch_size`` (:mod:`.data_parallel`).
 """
 
 from __future__ import annotations
@@ -52,11 +58,13 @@ from ..core.ranges import spec_qparams
 from ..nn import qmodules
 from ..nn.fold import fold_bn_pairs
 from ..nn.layers import channel_axis
+from ..parallel import launch
 from . import adaround
 from .blocks import Unit, build_units
-from .cache import (NoData, UnitData, Unsupported, capture_inputs, capture_targets, check_cache_size, eval_loss,
+from .cache import (NoData, UnitData, Unsupported, capture_inputs, capture_targets, check_cache_size,
                     fisher_labels, probe_unit, rec_loss)
 from .common import MethodResult, QuantJob, check_optional_bits, check_type, observe_activations, plan_activations
+from .data_parallel import Shard
 from .lsq import learn_step_sizes
 
 __all__ = ["BrecqOptions", "BrecqReport", "UnitRecord", "quantize_brecq"]
@@ -96,6 +104,11 @@ class BrecqOptions:
         never_worse: per unit, keep round-to-nearest (weights) or the min/max step sizes
             (activations) when they give a lower calibration loss than the learned ones.
             Default True.
+        distributed: under ``torchrun``, split the calibration samples (and so every unit's
+            cache and each iteration's forward and backward passes) between the job's ranks,
+            which sum their gradients every iteration (:mod:`.data_parallel`); every rank gets
+            the same ``calib_data`` and ends with the same model. Outside torchrun it changes
+            nothing. Default False.
     """
 
     iters: int = 20000
@@ -117,6 +130,7 @@ class BrecqOptions:
     num_threads: Optional[int] = None
     max_cache_mb: float = 4096.0
     never_worse: bool = True
+    distributed: bool = False
 
     def __post_init__(self) -> None:
         for name in ("iters", "act_iters"):
@@ -145,7 +159,7 @@ class BrecqOptions:
         self.beta_range = (float(self.beta_range[0]), float(self.beta_range[1]))
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
-        for name in ("quantize_block_outputs", "never_worse"):
+        for name in ("quantize_block_outputs", "never_worse", "distributed"):
             check_type(getattr(self, name), bool, name)
         check_optional_bits(self.first_layer_input_bits, "first_layer_input_bits")
         check_optional_bits(self.last_layer_input_bits, "last_layer_input_bits")
@@ -199,12 +213,18 @@ class UnitRecord:
 
 @dataclass
 class BrecqReport:
-    """Per-unit results of a BRECQ run (``qmodel.mixquant_report``)."""
+    """Per-unit results of a BRECQ run (``qmodel.mixquant_report``).
+
+    ``world_size`` ranks shared the calibration samples (``distributed=True``),
+    this one holding ``samples`` of them; caches and times are this rank's.
+    """
 
     records: List[UnitRecord] = field(default_factory=list)
     peak_cache_bytes: int = 0
     options: Dict[str, object] = field(default_factory=dict)
     seconds: float = 0.0
+    world_size: int = 1
+    samples: int = 0
 
     def table(self) -> str:
         """A readable table: unit, phase, bits, losses (BRECQ's reduction, see :class:`UnitRecord`), kept, time, cache."""
@@ -226,6 +246,9 @@ class BrecqReport:
         lines.insert(1, "  ".join("-" * w for w in widths))
         lines.append(f"losses: squared error summed over channels, mean over samples and positions; "
                      f"peak cache {self.peak_cache_bytes / 2**20:.1f} MB, total {self.seconds:.1f} s")
+        if self.world_size > 1:
+            lines.append(f"{self.world_size} ranks: losses over every rank's samples; caches and times of "
+                         f"this rank, which held {self.samples} of them")
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -233,7 +256,8 @@ class BrecqReport:
 
     def to_dict(self) -> dict:
         return {"records": [asdict(r) for r in self.records], "peak_cache_bytes": self.peak_cache_bytes,
-                "options": dict(self.options), "seconds": self.seconds}
+                "options": dict(self.options), "seconds": self.seconds, "world_size": self.world_size,
+                "samples": self.samples}
 
 
 def _init_rounding(layer: nn.Module, bits: int, job: QuantJob, opts: BrecqOptions, name: str) -> adaround.AdaRound:
@@ -259,14 +283,18 @@ def _set_mode(roundings: Dict[str, adaround.AdaRound], mode: str) -> None:
 
 def reconstruct_unit(
     unit: Unit, data: UnitData, model: nn.Module, job: QuantJob, opts: BrecqOptions,
-    generator: torch.Generator, progress: bool,
+    generator: torch.Generator, progress: bool, shard: Optional[Shard] = None,
 ) -> UnitRecord:
     """AdaRound every layer of ``unit`` jointly on the cached data; store the better hard rounding.
 
     The learned rounding is compared on the whole calibration cache with
     round-to-nearest on the same grid, and (``opts.never_worse``) the lower
     loss is kept, so a unit never ends worse than its initialisation.
+    ``shard``: this rank's block of the samples (``data`` holds its cache);
+    losses are over every rank's samples. Default: one process, all samples.
     """
+    shard = Shard.whole(len(data)) if shard is None else shard
+    what = f"reconstructing unit {unit.name or '<model>'}"
     layers = {name: model.get_submodule(name) for name in unit.layers}
     roundings: Dict[str, adaround.AdaRound] = {}
     originals: Dict[str, nn.Parameter] = {}
@@ -275,14 +303,17 @@ def reconstruct_unit(
             roundings[name] = _init_rounding(layer, job.bits[name], job, opts, name)
             originals[name] = adaround.attach(layer, roundings[name])
         _set_mode(roundings, "nearest")
-        before = eval_loss(unit.module, data, opts.batch_size)
+        before = shard.eval_loss(unit.module, data, opts.batch_size, f"{what} (loss of round-to-nearest)")
         _set_mode(roundings, "soft")
         seconds, median, soft = 0.0, None, None
         if opts.iters > 0:
-            seconds, median = _optimise(unit, data, list(roundings.values()), opts, generator, progress, before)
-            soft = eval_loss(unit.module, data, opts.batch_size)
+            seconds, median = _optimise(unit, data, list(roundings.values()), opts, generator, progress, before,
+                                        shard)
+            # rank 0's rounding on every rank (the same unless the ranks' kernels round differently)
+            shard.from_main_([r.V for r in roundings.values()], f"{what} (sharing the rounding)")
+            soft = shard.eval_loss(unit.module, data, opts.batch_size, f"{what} (loss of the soft rounding)")
         _set_mode(roundings, "hard")
-        rounded = eval_loss(unit.module, data, opts.batch_size)
+        rounded = shard.eval_loss(unit.module, data, opts.batch_size, f"{what} (loss of the hard rounding)")
         numel = sum(r.V.numel() for r in roundings.values())
         hard = sum(r.hard_fraction() * r.V.numel() for r in roundings.values()) / numel
     except BaseException:
@@ -299,25 +330,36 @@ def reconstruct_unit(
 
 def make_step(
     module: nn.Module, data: UnitData, roundings: List[adaround.AdaRound], opts: BrecqOptions,
-    generator: torch.Generator, backend: Optional[str] = None,
+    generator: torch.Generator, backend: Optional[str] = None, shard: Optional[Shard] = None,
 ) -> Tuple[Callable[[int], torch.Tensor], adaround.UnitRounding]:
     """One AdaRound iteration as a function ``step(it) -> reconstruction loss``, and the unit's rounding state.
 
     A random batch of ``opts.batch_size`` cached samples, the unit's forward
     with soft-rounded weights, the loss's backward pass, then the fused step
     (the regulariser, annealed, enters after the warm-up). Call
-    ``state.finish()`` when done.
+    ``state.finish()`` when done. With a ``shard`` of several ranks the batch
+    is drawn from all ranks' samples, this rank runs the members it holds, and
+    the gradient (with the batch loss) is summed over the ranks before the
+    fused step (:mod:`.data_parallel`).
     """
+    shard = Shard.whole(len(data)) if shard is None else shard
     state = adaround.UnitRounding(roundings, lr=opts.lr, backend=backend)
     sched = adaround.LinearTempDecay(opts.iters, opts.warmup, *opts.beta_range)
-    n, device = len(data), data.x.device
+    device = data.x.device
     lam = opts.rounding_weight
+    no_loss = torch.zeros((), device=device)
 
     def step(it: int) -> torch.Tensor:
-        idx = torch.randperm(n, generator=generator)[: opts.batch_size].to(device)
-        x, y, w = data.batch(idx)
-        rec = rec_loss(module(x), y, w, data.channel_dim)
-        rec.backward()
+        idx = torch.randperm(shard.total, generator=generator)[: opts.batch_size].to(device)
+        local = shard.members(idx)
+        rec = None
+        if local.numel():
+            x, y, w = data.batch(local)
+            rec = rec_loss(module(x), y, w, data.channel_dim, of=idx.numel())
+            rec.backward()
+        if shard.distributed:
+            state.w.grad, rec = shard.summed([state.w.grad, rec], [state.w, no_loss],
+                                             f"AdaRound iteration {it} (summing the gradient)")
         warm = sched.in_warmup(it) or lam == 0
         state.step(0.0 if warm else lam, sched(it))
         return rec.detach()
@@ -332,7 +374,7 @@ def refresh_every(iters: int) -> int:
 
 def _optimise(
     unit: Unit, data: UnitData, roundings: List[adaround.AdaRound], opts: BrecqOptions,
-    generator: torch.Generator, progress: bool, start_loss: float,
+    generator: torch.Generator, progress: bool, start_loss: float, shard: Shard,
 ) -> Tuple[float, float]:
     """Run the AdaRound iterations; return (total seconds, median seconds per iteration).
 
@@ -340,7 +382,7 @@ def _optimise(
     the soft rounding averaged over the batches since its last update, beside
     ``start``, the table's "loss before" of round-to-nearest.
     """
-    step, state = make_step(unit.module, data, roundings, opts, generator)
+    step, state = make_step(unit.module, data, roundings, opts, generator, shard=shard)
     bar = tqdm(total=opts.iters, desc=f"{unit.name or '<model>'} ({unit.kind})", disable=not progress, leave=False)
     every = refresh_every(opts.iters)
     start = time.perf_counter()
@@ -420,45 +462,53 @@ def _quantize_brecq(model: nn.Module, job: QuantJob, opts: BrecqOptions) -> Meth
         p.requires_grad_(False)
     fp_model = copy.deepcopy(model)  # folded float reference
     assert job.calib_x is not None  # checked by quantize()
-    x = job.calib_x[: opts.num_samples]
-    y = None if job.calib_y is None else job.calib_y[: opts.num_samples]
-    report = BrecqReport(options=asdict(opts))
-    labels = fisher_labels(fp_model, x, y, opts.batch_size, device) if opts.loss == "fisher" else None
-    generator = torch.Generator().manual_seed(job.seed)
+    workers = launch.init() if opts.distributed else launch.SINGLE
+    shard = Shard.of(workers, min(opts.num_samples, job.calib_x.shape[0]))
+    x = shard.take(job.calib_x[: opts.num_samples])  # this rank's block (every sample in a job of one rank)
+    y = shard.take(None if job.calib_y is None else job.calib_y[: opts.num_samples])
+    progress = job.progress and workers.is_main
+    report = BrecqReport(options=asdict(opts), world_size=workers.world_size, samples=len(shard))
+    labels = None
+    if opts.loss == "fisher":
+        labels = shard.settled(lambda: fisher_labels(fp_model, x, y, opts.batch_size, device), "the Fisher labels")
+    generator = torch.Generator().manual_seed(job.seed)  # the same draws on every rank
     units: Deque[Unit] = deque(build_units(model, job.bits, job.order))
     done: List[Unit] = []
     try:
         while units:
             unit = units.popleft()
             try:
-                data = _gather(unit, model, fp_model, x, labels, opts, device)
+                data = shard.cached(lambda: _gather(unit, model, fp_model, x, labels, opts, device),
+                                    f"caching unit {unit.name or '<model>'}")
             except Unsupported as exc:
                 if unit.kind == "block":
                     units.extendleft(reversed(_split(unit, model)))
                     continue
                 report.records.append(_round_to_nearest(unit, model, job, opts, f"round to nearest: {exc}"))
-                continue
             except NoData:
                 report.records.append(_round_to_nearest(unit, model, job, opts, "round to nearest: never ran on calib_data"))
-                continue
-            report.peak_cache_bytes = max(report.peak_cache_bytes, data.nbytes)
-            report.records.append(reconstruct_unit(unit, data, model, job, opts, generator, job.progress))
-            done.append(unit)
-            del data
+            else:
+                report.peak_cache_bytes = max(report.peak_cache_bytes, data.nbytes)
+                report.records.append(reconstruct_unit(unit, data, model, job, opts, generator, progress, shard))
+                done.append(unit)
+                del data
+            # the next unit's cache runs through this one: the same weights on every rank
+            shard.layers_from_main_(model, unit.layers, f"sharing the weights of unit {unit.name or '<model>'}")
         if job.act_bits is not None:
             blocks = [u.name for u in done if u.kind == "block"] if opts.quantize_block_outputs else []
             inputs, outputs = plan_activations(job, opts.first_layer_input_bits, opts.last_layer_input_bits, blocks)
             qmodules.attach_activations(model, inputs, outputs)
-            observe_activations(model, x, opts.batch_size, device)
+            observe_activations(model, x, opts.batch_size, device, shard)
             result.input_act_bits, result.output_act_bits = inputs, outputs
             if opts.act_iters > 0:
                 for unit in done:
-                    data = _gather(unit, model, fp_model, x, labels, opts, device)
+                    data = shard.settled(lambda: _gather(unit, model, fp_model, x, labels, opts, device),
+                                         f"caching unit {unit.name or '<model>'} (activations)")
                     report.peak_cache_bytes = max(report.peak_cache_bytes, data.nbytes)
                     stats = learn_step_sizes(
                         unit.module, data, iters=opts.act_iters, lr=opts.act_lr, batch_size=opts.batch_size,
-                        generator=generator, progress=job.progress, desc=f"{unit.name or '<model>'} (act)",
-                        keep_better=opts.never_worse,
+                        generator=generator, progress=progress, desc=f"{unit.name or '<model>'} (act)",
+                        keep_better=opts.never_worse, shard=shard,
                     )
                     report.records.append(UnitRecord(
                         unit.name, unit.kind, "activations", list(unit.layers), {n: job.bits[n] for n in unit.layers},
@@ -471,6 +521,6 @@ def _quantize_brecq(model: nn.Module, job: QuantJob, opts: BrecqOptions) -> Meth
             p.requires_grad_(flag)
     report.seconds = time.perf_counter() - t0
     result.report = report
-    if job.progress:
+    if progress:
         tqdm.write(report.table(), file=sys.stderr)
     return result

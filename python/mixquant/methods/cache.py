@@ -312,7 +312,7 @@ def capture_targets(
 
 
 def rec_loss(pred: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor] = None,
-             channel_dim: int = 1) -> torch.Tensor:
+             channel_dim: int = 1, of: Optional[int] = None) -> torch.Tensor:
     """BRECQ's reconstruction loss: squared error summed over channels, averaged over everything else.
 
     ``(pred - target)^2`` (times ``weight`` for the Fisher loss) is summed over
@@ -321,13 +321,20 @@ def rec_loss(pred: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Te
     ``[N, T, C]`` one). This is the reduction of BRECQ's public code, for which
     its rounding weight ``lambda = 0.01`` is tuned; a per-sample sum over
     ``C x H x W`` would be ``H x W`` times larger. A 1-D output is averaged.
+
+    ``of``: the number of samples the mean is over when ``pred`` holds only
+    part of a batch (a rank's members of a global batch): the sum is divided
+    by ``of`` times the positions, so each element's gradient is the one the
+    whole batch's mean gives it (the same float factor).
     """
     d = (pred - target).square()
     if weight is not None:
         d = d * weight
-    if d.dim() < 2:
+    if d.dim() >= 2:
+        d = d.sum(dim=channel_dim)
+    if of is None or of == d.shape[0]:
         return d.mean()
-    return d.sum(dim=channel_dim).mean()
+    return d.sum() / (of * (d.numel() // max(d.shape[0], 1)))
 
 
 @torch.no_grad()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Type, TypeVar
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple, Type, TypeVar
 
 import torch
 import torch.nn as nn
@@ -14,6 +14,9 @@ from ..core.spec import QuantizerSpec
 from ..nn import qmodules
 from ..nn.calib import batches
 from ..nn.order import execution_order  # noqa: F401 - re-exported for the methods
+
+if TYPE_CHECKING:  # for the annotation only: data_parallel sits above this module
+    from .data_parallel import Shard
 
 __all__ = ["QuantJob", "MethodResult", "build_options", "check_optional_bits", "execution_order", "plan_activations",
            "observe_activations"]
@@ -154,25 +157,41 @@ def plan_activations(
 
 
 @torch.no_grad()
-def observe_activations(model: nn.Module, x: torch.Tensor, batch_size: int, device: torch.device) -> None:
+def observe_activations(model: nn.Module, x: torch.Tensor, batch_size: int, device: torch.device,
+                        shard: Optional["Shard"] = None) -> None:
     """Record min/max of every activation quantizer over ``x``, then set their scales (min/max rule).
 
     ValueError naming the quantized layer (or block) and the samples when an
     activation holds NaN or Inf, which would otherwise give a NaN or default scale.
+    With the ``shard`` of a job of several ranks, ``x`` is this rank's block
+    of the samples: the ranges are the minimum and maximum over every rank's,
+    and an error on one rank is raised on all.
     """
+    first = 0 if shard is None else shard.start
+
+    def observe() -> None:
+        for i, xb in enumerate(batches(x, batch_size, device)):
+            model(xb)
+            bad = [name for name, q in qmodules.act_quantizers(model) if q.saw_nonfinite]
+            if bad:
+                owner, _, kind = bad[0].rpartition(".")
+                where = "input of layer" if kind == qmodules.INPUT_QUANTIZER else "output of"
+                lo = first + i * batch_size
+                raise ValueError(
+                    f"calibration samples {lo}..{lo + xb.shape[0] - 1} give non-finite "
+                    f"activations (NaN or Inf) at the {where} {owner!r}"
+                    + (f" and {len(bad) - 1} more quantizer(s)" if len(bad) > 1 else "")
+                    + "; activation ranges cannot be set from them"
+                )
+
     qmodules.set_act_mode(model, "observe")
-    for i, xb in enumerate(batches(x, batch_size, device)):
-        model(xb)
-        bad = [name for name, q in qmodules.act_quantizers(model) if q.saw_nonfinite]
-        if bad:
-            owner, _, kind = bad[0].rpartition(".")
-            where = "input of layer" if kind == qmodules.INPUT_QUANTIZER else "output of"
-            raise ValueError(
-                f"calibration samples {i * batch_size}..{i * batch_size + xb.shape[0] - 1} give non-finite "
-                f"activations (NaN or Inf) at the {where} {owner!r}"
-                + (f" and {len(bad) - 1} more quantizer(s)" if len(bad) > 1 else "")
-                + "; activation ranges cannot be set from them"
-            )
+    if shard is None:
+        observe()
+    else:
+        shard.settled(observe, "observing the activation ranges")
+        quantizers = [q for _, q in qmodules.act_quantizers(model)]
+        shard.min_max_([q.min_val for q in quantizers], [q.max_val for q in quantizers],
+                       "sharing the activation ranges")
     for _, q in qmodules.act_quantizers(model):
         if not torch.isfinite(q.min_val):  # never ran on the calibration data: range [0, 0]
             q.min_val.zero_()

@@ -11,14 +11,15 @@ where the min/max calibration put them.
 from __future__ import annotations
 
 import time
-from typing import List
+from typing import List, Optional
 
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..nn import qmodules
-from .cache import UnitData, eval_loss, rec_loss
+from .cache import UnitData, rec_loss
+from .data_parallel import Shard
 
 __all__ = ["learn_step_sizes"]
 
@@ -36,6 +37,7 @@ def learn_step_sizes(
     progress: bool = False,
     desc: str = "",
     keep_better: bool = True,
+    shard: Optional[Shard] = None,
 ) -> dict:
     """Optimise the scales of the activation quantizers in ``unit``; return losses and timing.
 
@@ -46,9 +48,16 @@ def learn_step_sizes(
     Returns a dict with ``loss_before`` (initial scales), ``loss_learned``,
     ``loss_after`` (the scales kept), ``kept`` ("learned" or "min/max"),
     ``iters``, ``seconds`` and ``quantizers`` (how many scales were learned).
+
+    ``shard``: this rank's block of the samples in a job of several ranks
+    (``data`` holds its cache): every rank draws the same global batch, runs
+    the members it holds, and the scales' gradients are summed over the ranks
+    before Adam's step; losses are over every rank's samples (see
+    :mod:`.data_parallel`). Default: one process, all samples.
     """
+    shard = Shard.whole(len(data)) if shard is None else shard
     quantizers: List[qmodules.ActQuantizer] = [q for _, q in qmodules.act_quantizers(unit)]
-    before = eval_loss(unit, data, batch_size)
+    before = shard.eval_loss(unit, data, batch_size, f"{desc}: loss of the min/max step sizes")
     if not quantizers or iters <= 0:
         return {"loss_before": before, "loss_learned": before, "loss_after": before, "kept": "min/max", "iters": 0,
                 "seconds": 0.0, "quantizers": len(quantizers)}
@@ -57,19 +66,27 @@ def learn_step_sizes(
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=lr)
+    no_loss = torch.zeros((), device=data.x.device)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=iters, eta_min=0.0)
-    n = len(data)
     bar = tqdm(total=iters, desc=desc, disable=not progress, leave=False)
     every = max(1, min(50, iters // 10))  # at least every 10 % of the unit
     start = time.perf_counter()
     acc, count = 0.0, 0
     try:
         for it in range(iters):
-            idx = torch.randperm(n, generator=generator)[:batch_size].to(data.x.device)
-            x, y, w = data.batch(idx)
-            loss = rec_loss(unit(x), y, w, data.channel_dim)
+            idx = torch.randperm(shard.total, generator=generator)[:batch_size].to(data.x.device)
+            local = shard.members(idx)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss = None
+            if local.numel():
+                x, y, w = data.batch(local)
+                loss = rec_loss(unit(x), y, w, data.channel_dim, of=idx.numel())
+                loss.backward()
+            if shard.distributed:
+                *grads, loss = shard.summed([p.grad for p in params] + [loss], params + [no_loss],
+                                            f"{desc}: step-size iteration {it} (summing the gradient)")
+                for p, g in zip(params, grads):
+                    p.grad = g
             opt.step()
             sched.step()
             with torch.no_grad():
@@ -86,7 +103,9 @@ def learn_step_sizes(
         for p in params:
             p.requires_grad_(False)
     seconds = time.perf_counter() - start
-    learned = eval_loss(unit, data, batch_size)
+    # rank 0's step sizes on every rank (the same unless the ranks' kernels round differently)
+    shard.from_main_(params, f"{desc}: sharing the step sizes")
+    learned = shard.eval_loss(unit, data, batch_size, f"{desc}: loss of the learned step sizes")
     kept = "learned"
     if keep_better and before < learned:
         with torch.no_grad():
