@@ -792,6 +792,48 @@ void unpack_dequantize(const uint8_t* packed, int bits, int64_t A, int64_t C, in
   }
 }
 
+// Weights per thread below which another thread costs more than it brings.
+constexpr int64_t kMatvecPerThread = 262144;
+
+void packed_matvec(const uint8_t* packed, int bits, int64_t C, int64_t K, int64_t block, const float* scale,
+                   const int32_t* zero_point, int64_t S, const float* x, int64_t N, int num_threads, float* y) {
+  if (C == 0 || N == 0) return;
+  if (K == 0) {  // empty sums
+    for (int64_t i = 0; i < N * C; ++i) y[i] = 0.0f;
+    return;
+  }
+  const int64_t G = (K + block - 1) / block;
+  // sum x over each block of each input row, in double (shared by every matrix row).
+  std::vector<double> xs(static_cast<size_t>(N * G), 0.0);
+  for (int64_t r = 0; r < N; ++r)
+    for (int64_t k = 0; k < K; ++k) xs[static_cast<size_t>(r * G + k / block)] += x[r * K + k];
+  const KernelTable* t = current_table();  // read once: one level for the whole call
+  const uint8_t* end = packed + packed_bytes(C * K, bits);
+  const int nt = clamp_threads(num_threads, (C * K + kMatvecPerThread - 1) / kMatvecPerThread);
+  const int64_t stride = thread_stride<double>(G * kDotMaxRows);
+  std::vector<double> scratch(static_cast<size_t>(nt * stride));
+  (void)nt;  // only read by the OpenMP pragma when there is one
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nt) schedule(static)
+#endif
+  for (int64_t c = 0; c < C; ++c) {
+    double* sums = scratch.data() + thread_id() * stride;
+    for (int64_t r0 = 0; r0 < N; r0 += kDotMaxRows) {
+      const int64_t nx = N - r0 < kDotMaxRows ? N - r0 : kDotMaxRows;
+      t->code_dot(packed, end, c * K, K, block, bits, x + r0 * K, K, nx, sums);
+      for (int64_t r = 0; r < nx; ++r) {
+        double acc = 0.0;
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t i = S == 1 ? 0 : c * G + g;
+          acc += static_cast<double>(scale[i]) *
+                 (sums[g * nx + r] - static_cast<double>(zero_point[i]) * xs[static_cast<size_t>((r0 + r) * G + g)]);
+        }
+        y[(r0 + r) * C + c] = static_cast<float>(acc);
+      }
+    }
+  }
+}
+
 uint32_t max_code(const uint8_t* codes, int64_t n) { return max_code_impl(codes, n); }
 uint32_t max_code(const uint16_t* codes, int64_t n) { return max_code_impl(codes, n); }
 
