@@ -597,9 +597,8 @@ void dot_vec(const typename Vec::Codes& d, const uint8_t* q, int64_t steps, int6
 }
 
 template <int NX>
-void code_dot_nx(const uint8_t* p, const uint8_t* end, int64_t i0, int64_t n, int64_t block, int bits,
-                 const float* x, int64_t ldx, double* out) {
-  const typename Vec::Codes d(bits);
+void code_dot_row(const typename Vec::Codes& d, const uint8_t* p, const uint8_t* end, int64_t i0, int64_t n,
+                  int64_t block, int bits, const float* x, int64_t ldx, double* out) {
   const int64_t kind = bits == 8 ? 8 : bits == 16 ? 16 : 0;
   const int64_t window = d.window();
   const int64_t step_bytes = kLanes / 8 * bits;  // kLanes codes, a whole number of 8-code groups
@@ -626,13 +625,21 @@ void code_dot_nx(const uint8_t* p, const uint8_t* end, int64_t i0, int64_t n, in
   }
 }
 
-void k_code_dot(const uint8_t* p, const uint8_t* end, int64_t i0, int64_t n, int64_t block, int bits,
+template <int NX>
+void code_dot_nx(const uint8_t* p, const uint8_t* end, int64_t i0, int64_t m, int64_t n, int64_t block, int bits,
+                 const float* x, int64_t ldx, double* out) {
+  const typename Vec::Codes d(bits);  // once per call: its tables cost as much as a short row
+  const int64_t nb = (n + block - 1) / block;
+  for (int64_t q = 0; q < m; ++q) code_dot_row<NX>(d, p, end, i0 + q * n, n, block, bits, x, ldx, out + q * nb * NX);
+}
+
+void k_code_dot(const uint8_t* p, const uint8_t* end, int64_t i0, int64_t m, int64_t n, int64_t block, int bits,
                 const float* x, int64_t ldx, int64_t nx, double* out) {
   switch (nx) {
-    case 1: code_dot_nx<1>(p, end, i0, n, block, bits, x, ldx, out); break;
-    case 2: code_dot_nx<2>(p, end, i0, n, block, bits, x, ldx, out); break;
-    case 3: code_dot_nx<3>(p, end, i0, n, block, bits, x, ldx, out); break;
-    default: code_dot_nx<4>(p, end, i0, n, block, bits, x, ldx, out); break;
+    case 1: code_dot_nx<1>(p, end, i0, m, n, block, bits, x, ldx, out); break;
+    case 2: code_dot_nx<2>(p, end, i0, m, n, block, bits, x, ldx, out); break;
+    case 3: code_dot_nx<3>(p, end, i0, m, n, block, bits, x, ldx, out); break;
+    default: code_dot_nx<4>(p, end, i0, m, n, block, bits, x, ldx, out); break;
   }
 }
 

@@ -65,15 +65,16 @@ struct KernelTable {
   // n codes of `bits` bits (1..16) from an LSB-first bit stream whose first
   // code starts at bit 0 of packed[0]; reads exactly ceil(n * bits / 8) bytes.
   void (*unpack_u16)(const uint8_t* packed, int64_t n, int bits, uint16_t* out);
-  // Dot products of packed codes with nx (1..4) float vectors, block by block:
-  // the run is the n codes at indices [i0, i0 + n) of the LSB-first stream at
-  // `packed` (`bits` bits each, any i0; no byte at or past `end` is read);
-  // block b holds its codes [b * block, (b + 1) * block) (the last one
-  // possibly short), and out[b * nx + r] = sum over the block of
-  // code_j * x[r * ldx + j].  Sums are float32 partial sums of at most
+  // Dot products of packed codes with nx (1..4) float vectors, block by block,
+  // for m rows: row q is the n codes at indices [i0 + q * n, i0 + (q + 1) * n)
+  // of the LSB-first stream at `packed` (`bits` bits each, any i0; no byte at
+  // or past `end` is read); block b of a row holds its codes [b * block,
+  // (b + 1) * block) (the last one possibly short), and
+  // out[(q * nb + b) * nx + r] = sum over the block of code_j * x[r * ldx + j]
+  // (nb = ceil(n / block)).  Sums are float32 partial sums of at most
   // kDotTerms terms each, added in double; codes are never turned into weights.
-  void (*code_dot)(const uint8_t* packed, const uint8_t* end, int64_t i0, int64_t n, int64_t block, int bits,
-                   const float* x, int64_t ldx, int64_t nx, double* out);
+  void (*code_dot)(const uint8_t* packed, const uint8_t* end, int64_t i0, int64_t m, int64_t n, int64_t block,
+                   int bits, const float* x, int64_t ldx, int64_t nx, double* out);
 };
 
 // Terms per float32 partial sum of code_dot before it is added into a double

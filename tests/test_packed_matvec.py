@@ -1,9 +1,9 @@
 """The native packed matrix-vector product equals its float64 twin within its stated bound, on every SIMD level.
 
 The bound (``mixquant.core.kernels.MATVEC_TOLERANCE``) is
-``|y - y64| <= 2**-18 * sum_k scale * code * |x| + 2**-23 * |y64|``: every float32
-partial sum of ``code * x`` takes at most 64 terms (at most 64 roundings), the
-rest is double, and both results are rounded to float32 once. Sums that are
+``|y - y64| <= 2**-18 * sum_k scale * (code + zp) * |x| + 2**-23 * |y64|``: every
+float32 partial sum of ``code * x`` takes at most 64 terms (at most 64 roundings),
+the rest is double, and both results are rounded to float32 once. Sums that are
 exact in float32 (small integers, power-of-two scales) must agree bit for bit,
 which no dropped, repeated or misplaced code survives. An independent numpy
 dequantize-then-matmul in float64 checks the twin itself.
@@ -57,8 +57,8 @@ def numpy_matvec(codes, scale, zp, x, block):
 
 def bound(codes, scale, zp, x, block, y64):
     c, k = codes.shape
-    s, _ = params_per_element(scale, zp, c, k, block)
-    return LOOSE * (np.abs(x.double().numpy()) @ (codes * s).T) + REL * np.abs(y64)
+    s, z = params_per_element(scale, zp, c, k, block)
+    return LOOSE * (np.abs(x.double().numpy()) @ ((codes + z) * s).T) + REL * np.abs(y64)
 
 
 SHAPES = [(1, 1), (1, 7), (3, 8), (5, 13), (4, 64), (2, 100), (7, 257), (1, 4099), (9, 1000), (6, 31)]

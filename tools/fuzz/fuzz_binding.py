@@ -283,10 +283,11 @@ def check_matvec(rng: np.random.Generator) -> None:
     x = torch.from_numpy(x.astype(np.float32))
     ref = mixquant.packed_matvec(packed, bits, (c, k), scale, zp, x, block_size=block, backend="reference")
     if count == 1:
-        s_el = np.full((c, k), float(scale[0]))
+        s_el, z_el = np.full((c, k), float(scale[0])), np.full((c, k), float(zp[0]))
     else:
-        s_el = scale.double().numpy()[np.arange(c)[:, None] * groups + np.arange(k)[None, :] // (block or k)]
-    tol = MATVEC_TOLERANCE[0] * (np.abs(x.double().numpy()) @ (codes * s_el).T) \
+        idx = np.arange(c)[:, None] * groups + np.arange(k)[None, :] // (block or k)
+        s_el, z_el = scale.double().numpy()[idx], zp.double().numpy()[idx]
+    tol = MATVEC_TOLERANCE[0] * (np.abs(x.double().numpy()) @ ((codes + z_el) * s_el).T) \
         + MATVEC_TOLERANCE[1] * np.abs(ref.double().numpy()) + FLOOR
     for level in LEVELS:
         with mixquant.use_simd_level(level):

@@ -293,7 +293,7 @@ def decode_packed(
 
 
 # The bound packed_matvec's native result is held to against its float64 twin
-# (see packed_matvec): |y - y64| <= MATVEC_TOLERANCE[0] * sum_k scale * code * |x|
+# (see packed_matvec): |y - y64| <= MATVEC_TOLERANCE[0] * sum_k scale * (code + zp) * |x|
 #                                   + MATVEC_TOLERANCE[1] * |y64|.
 MATVEC_TOLERANCE = (2.0**-18, 2.0**-23)
 
@@ -319,7 +319,8 @@ def packed_matvec(
     zero-point term and the sum over blocks are double; the result is rounded
     to float32 once. Against the float64 reference (``backend="reference"``, the
     same form in float64) the result is therefore within
-    ``2**-18 * sum_k scale * code * |x| + 2**-23 * |y|`` (``MATVEC_TOLERANCE``), not
+    ``2**-18 * sum_k scale * (code + zero_point) * |x| + 2**-23 * |y|`` (``MATVEC_TOLERANCE``; the
+    zero-point part covers the double sums, whose error is far smaller), not
     bit-identical: its float32 partial sums add in another order. Against
     dequantize-then-matmul (``x @ unpack_dequantize(...).T``, what an unpacked
     model computes) it differs further by that product's own rounding: each
