@@ -129,6 +129,12 @@ struct Vec {
   // (any other width): the 3-byte gather of unpack_groups.  window(): bytes a
   // get() may read from p (all of them must lie inside the stream).
   static constexpr bool kDecodes = true;
+  // 2- and 4-bit codes by bytes: kLanes bytes, one a lane; field<S> is each lane's bits [S, S + width).
+  using I = __m256i;
+  static I load_u8(const uint8_t* p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))); }
+  static I set1_i(int v) { return _mm256_set1_epi32(v); }
+  template <int S>
+  static V field(I v, I mask) { return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, S), mask)); }
   struct Codes {
     __m256i s, sh, mask;
     int bits;

@@ -127,6 +127,12 @@ struct Vec {
   // (kind 8) or from little-endian pairs (kind 16).  window(): bytes a get()
   // may read from p (all of them must lie inside the stream).
   static constexpr bool kDecodes = true;
+  // 2- and 4-bit codes by bytes: kLanes bytes, one a lane; field<S> is each lane's bits [S, S + width).
+  using I = __m512i;
+  static I load_u8(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static I set1_i(int v) { return _mm512_set1_epi32(v); }
+  template <int S>
+  static V field(I v, I mask) { return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, S), mask)); }
   struct Codes {
     __m512i s, sh, mask;
     int bits;

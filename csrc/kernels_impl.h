@@ -625,21 +625,91 @@ void code_dot_row(const typename Vec::Codes& d, const uint8_t* p, const uint8_t*
   }
 }
 
+// 2- and 4-bit codes never straddle a byte: a vector of kLanes bytes holds P =
+// 8 / bits codes a lane, lane j's t-th being code j * P + t of the chunk of
+// kLanes * P codes.  Against x permuted once per call the same way
+// (xp[(s * P + t) * kLanes + j] = x[s * kLanes * P + j * P + t]) every code is one
+// shift, mask and conversion from its product.  One accumulator per (row, t):
+// each takes one term a chunk, flushed every kDotTerms chunks.
+template <int NX, int P>
+void dot_bytes(const uint8_t* q, int64_t chunks, const float* xp, int64_t ldxp, double* out) {
+  constexpr int B = 8 / P;
+  const typename Vec::I mask = Vec::set1_i((1 << B) - 1);
+  for (int64_t s0 = 0; s0 < chunks; s0 += kDotTerms) {
+    const int64_t s1 = min64(chunks, s0 + kDotTerms);
+    V a[NX][4];
+    for (int r = 0; r < NX; ++r)
+      for (int t = 0; t < 4; ++t) a[r][t] = Vec::zero();
+    for (int64_t s = s0; s < s1; ++s) {
+      const typename Vec::I v = Vec::load_u8(q + s * kLanes);
+      const float* xs = xp + s * P * kLanes;
+#define MIXQUANT_FIELD(T)                                                              \
+      if constexpr (T < P) {                                                           \
+        const V c = Vec::template field<T * B>(v, mask);                               \
+        for (int r = 0; r < NX; ++r)                                                   \
+          a[r][T] = Vec::fmadd(c, Vec::load(xs + r * ldxp + T * kLanes), a[r][T]);      \
+      }
+      MIXQUANT_FIELD(0)
+      MIXQUANT_FIELD(1)
+      MIXQUANT_FIELD(2)
+      MIXQUANT_FIELD(3)
+#undef MIXQUANT_FIELD
+    }
+    for (int r = 0; r < NX; ++r)
+      for (int t = 0; t < P; ++t) out[r] += Vec::hsum(a[r][t]);
+  }
+}
+
+// The rows of one code_dot call by dot_bytes when they allow it (2 or 4 bits,
+// one block a row, every row starting on a byte); false otherwise.
+template <int NX>
+bool code_dot_bytes(const typename Vec::Codes& d, const uint8_t* p, const uint8_t* end, int64_t i0, int64_t m,
+                    int64_t n, int64_t block, int bits, const float* x, int64_t ldx, float* perm, int* ready,
+                    double* out) {
+  if constexpr (!Vec::kDecodes) {
+    return false;
+  } else {
+    const int64_t P = bits == 4 ? 2 : bits == 2 ? 4 : 0;
+    if (P == 0 || block < n || i0 % P != 0 || n % P != 0 || n < kLanes * P) return false;
+    const int64_t chunks = n / (kLanes * P), done = chunks * kLanes * P;
+    if (!*ready) {  // NX rows of `done` permuted values, kept by the caller for its next calls
+      for (int r = 0; r < NX; ++r)
+        for (int64_t s = 0; s < chunks; ++s)
+          for (int64_t t = 0; t < P; ++t)
+            for (int64_t j = 0; j < kLanes; ++j)
+              perm[r * done + (s * P + t) * kLanes + j] = x[r * ldx + s * kLanes * P + j * P + t];
+      *ready = 1;
+    }
+    for (int64_t q = 0; q < m; ++q) {
+      const int64_t row = i0 + q * n;
+      double* o = out + q * NX;
+      for (int r = 0; r < NX; ++r) o[r] = 0.0;
+      if (P == 2) dot_bytes<NX, 2>(p + row / 2, chunks, perm, done, o);
+      else dot_bytes<NX, 4>(p + row / 4, chunks, perm, done, o);
+      double rest[NX] = {};
+      code_dot_row<NX>(d, p, end, row + done, n - done, n - done > 0 ? n - done : 1, bits, x + done, ldx, rest);
+      for (int r = 0; r < NX; ++r) o[r] += rest[r];
+    }
+    return true;
+  }
+}
+
 template <int NX>
 void code_dot_nx(const uint8_t* p, const uint8_t* end, int64_t i0, int64_t m, int64_t n, int64_t block, int bits,
-                 const float* x, int64_t ldx, double* out) {
+                 const float* x, int64_t ldx, float* xbuf, int* xready, double* out) {
   const typename Vec::Codes d(bits);  // once per call: its tables cost as much as a short row
+  if (code_dot_bytes<NX>(d, p, end, i0, m, n, block, bits, x, ldx, xbuf, xready, out)) return;
   const int64_t nb = (n + block - 1) / block;
   for (int64_t q = 0; q < m; ++q) code_dot_row<NX>(d, p, end, i0 + q * n, n, block, bits, x, ldx, out + q * nb * NX);
 }
 
 void k_code_dot(const uint8_t* p, const uint8_t* end, int64_t i0, int64_t m, int64_t n, int64_t block, int bits,
-                const float* x, int64_t ldx, int64_t nx, double* out) {
+                const float* x, int64_t ldx, int64_t nx, float* xbuf, int* xready, double* out) {
   switch (nx) {
-    case 1: code_dot_nx<1>(p, end, i0, m, n, block, bits, x, ldx, out); break;
-    case 2: code_dot_nx<2>(p, end, i0, m, n, block, bits, x, ldx, out); break;
-    case 3: code_dot_nx<3>(p, end, i0, m, n, block, bits, x, ldx, out); break;
-    default: code_dot_nx<4>(p, end, i0, m, n, block, bits, x, ldx, out); break;
+    case 1: code_dot_nx<1>(p, end, i0, m, n, block, bits, x, ldx, xbuf, xready, out); break;
+    case 2: code_dot_nx<2>(p, end, i0, m, n, block, bits, x, ldx, xbuf, xready, out); break;
+    case 3: code_dot_nx<3>(p, end, i0, m, n, block, bits, x, ldx, xbuf, xready, out); break;
+    default: code_dot_nx<4>(p, end, i0, m, n, block, bits, x, ldx, xbuf, xready, out); break;
   }
 }
 

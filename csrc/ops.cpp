@@ -832,17 +832,24 @@ void packed_matvec(const uint8_t* packed, int bits, int64_t C, int64_t K, int64_
   const int nt = clamp_threads(num_threads, std::min(items, (C * K + kMatvecPerThread - 1) / kMatvecPerThread));
   const int64_t stride = thread_stride<double>(run * G * kDotMaxRows);
   std::vector<double> scratch(static_cast<size_t>(nt * stride));
+  // Per thread: room for the kernel's reordered copy of x (N rows) and one flag per pass of kDotMaxRows rows.
+  const int64_t passes = (N + kDotMaxRows - 1) / kDotMaxRows;
+  const int64_t xstride = thread_stride<float>(N * K);
+  std::vector<float> xbuf(static_cast<size_t>(nt * xstride));
+  std::vector<int> xready(static_cast<size_t>(nt * passes), 0);
   (void)nt;  // only read by the OpenMP pragma when there is one
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(nt) schedule(static)
 #endif
   for (int64_t it = 0; it < items; ++it) {
-    double* sums = scratch.data() + thread_id() * stride;
+    const int tid = thread_id();
+    double* sums = scratch.data() + tid * stride;
     const int64_t c0 = it * run;
     const int64_t m = std::min(run, C - c0);
-    for (int64_t r0 = 0; r0 < N; r0 += kDotMaxRows) {
+    for (int64_t r0 = 0, pass = 0; r0 < N; r0 += kDotMaxRows, ++pass) {
       const int64_t nx = std::min(kDotMaxRows, N - r0);
-      t->code_dot(packed, end, c0 * K, m, K, block, bits, x + r0 * K, K, nx, sums);
+      t->code_dot(packed, end, c0 * K, m, K, block, bits, x + r0 * K, K, nx, xbuf.data() + tid * xstride + r0 * K,
+                  xready.data() + tid * passes + pass, sums);
       for (int64_t q = 0; q < m; ++q) {
         const int64_t c = c0 + q;
         const double* cs = sums + q * G * nx;

@@ -73,8 +73,11 @@ struct KernelTable {
   // out[(q * nb + b) * nx + r] = sum over the block of code_j * x[r * ldx + j]
   // (nb = ceil(n / block)).  Sums are float32 partial sums of at most
   // kDotTerms terms each, added in double; codes are never turned into weights.
+  // xbuf: scratch for nx * n floats that the caller keeps, with *xready (0 at
+  // first), across calls with the same x: the kernel may leave a reordered copy
+  // of x there and set *xready to reuse it.
   void (*code_dot)(const uint8_t* packed, const uint8_t* end, int64_t i0, int64_t m, int64_t n, int64_t block,
-                   int bits, const float* x, int64_t ldx, int64_t nx, double* out);
+                   int bits, const float* x, int64_t ldx, int64_t nx, float* xbuf, int* xready, double* out);
 };
 
 // Terms per float32 partial sum of code_dot before it is added into a double

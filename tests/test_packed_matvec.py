@@ -100,7 +100,7 @@ def test_native_within_bound_of_reference(simd, bits, kind):
 def test_exact_sums_agree_bit_for_bit(simd, bits):
     """Small integer inputs and power-of-two scales: every sum is exact, so the results must be equal."""
     rng = np.random.default_rng(100 + bits)
-    for c, k in [(3, 1), (2, 9), (4, 67), (3, 1029), (1, 4099), (5, 130)]:
+    for c, k in [(3, 1), (2, 9), (4, 67), (1, 4099), (5, 130), (3, 200)]:  # 200: byte fields and a tail
         for kind, block in (("tensor", None), ("channel", None), ("blocked", 5), ("blocked", 64)):
             block = min(block, k) if block else None
             codes, packed, scale, zp, x = make_case(rng, bits, c, k, kind, block, n=3, integer=True)
@@ -110,7 +110,8 @@ def test_exact_sums_agree_bit_for_bit(simd, bits):
             assert torch.equal(nat, torch.from_numpy(numpy_matvec(codes, scale, zp, x, block or k)).float())
 
 
-def test_partial_sums_are_flushed_every_64_terms(simd):
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])  # the byte-field, gather and widening decoders
+def test_partial_sums_are_flushed_every_64_terms(simd, bits):
     """One large term, then terms that float32 cannot add to it (2**-25 < half an ulp of 1).
 
     The partial sum holding the large term loses at most its next 63 terms before
@@ -120,8 +121,8 @@ def test_partial_sums_are_flushed_every_64_terms(simd):
     k = 16384
     x = torch.full((k,), 2.0**-25)
     x[0] = 1.0
-    packed = torch.from_numpy(mixquant.pack_bits(np.ones(k, np.uint8), 8))
-    y = mixquant.packed_matvec(packed, 8, (1, k), torch.ones(1), torch.zeros(1, dtype=torch.int32), x)
+    packed = torch.from_numpy(mixquant.pack_bits(np.ones(k, np.uint8), bits))
+    y = mixquant.packed_matvec(packed, bits, (1, k), torch.ones(1), torch.zeros(1, dtype=torch.int32), x)
     exact = 1.0 + (k - 1) * 2.0**-25
     assert abs(float(y) - exact) <= (63 + 4) * 2.0**-25  # 63 lost terms, then two roundings to float32 (2 ulp/2)
 
