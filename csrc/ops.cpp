@@ -838,8 +838,10 @@ void packed_matvec(const uint8_t* packed, int bits, int64_t C, int64_t K, int64_
   std::vector<float> xbuf(static_cast<size_t>(nt * xstride));
   std::vector<int> xready(static_cast<size_t>(nt * passes), 0);
   (void)nt;  // only read by the OpenMP pragma when there is one
+  // Dynamic: on a shared machine a thread that loses its core does not hold the
+  // others up with half the rows (rows are independent, so the result is the same).
 #ifdef _OPENMP
-#pragma omp parallel for num_threads(nt) schedule(static)
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
 #endif
   for (int64_t it = 0; it < items; ++it) {
     const int tid = thread_id();
