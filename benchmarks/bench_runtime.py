@@ -7,8 +7,10 @@
   thread; codes per second and GB/s of float32 written.
 * ``mobilenet`` / ``smollm2``: the model quantized per channel at 4 bits (SmolLM2: its
   210 decoder Linear layers; the tied embedding / lm_head pair stays float32), exported,
-  then loaded in a fresh subprocess three ways: float32, ``load_quantized``
-  (unpacked), ``load_quantized(packed=True)``. For each: the bytes of the model's
+  then loaded in a fresh subprocess four ways: float32, ``load_quantized``
+  (unpacked), ``load_quantized(packed=True)`` and ``load_quantized(packed="fused")``
+  (one-row Linear inputs through the fused matrix-vector kernel; the 1-token forward
+  of SmolLM2 is that case). For each: the bytes of the model's
   tensors, the process's resident memory (RSS) added by building and loading the
   model (glibc's mmap threshold pinned so freed tensors leave the RSS), and the
   median time of a forward (MobileNetV2: batch 1 and 8 at 224x224; SmolLM2:
@@ -150,7 +152,7 @@ def child(name: str, variant: str, path: str, repeat: int) -> None:
     before = _rss()
     model = _build(name)
     if variant != "float32":
-        model = mixquant.load_quantized(path, model, packed=variant == "packed")
+        model = mixquant.load_quantized(path, model, packed={"unpacked": False, "packed": True, "fused": "fused"}[variant])
     gc.collect()
     after = _rss()
     res = {"variant": variant, "tensor_bytes": _tensor_bytes(model), "rss_bytes": after - before}
@@ -175,7 +177,7 @@ def bench_model(name: str, repeat: int) -> list:
         gc.collect()
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
         rows = []
-        for variant in ("float32", "unpacked", "packed"):
+        for variant in ("float32", "unpacked", "packed", "fused"):
             out = subprocess.run([sys.executable, __file__, "--child", name, variant, path, str(repeat)],
                                  env=env, capture_output=True, text=True, check=True)
             rows.append(json.loads(next(line for line in out.stdout.splitlines() if line.startswith("RESULT "))[7:]))

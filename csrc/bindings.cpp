@@ -593,6 +593,62 @@ void unpack_dequantize(py::object packed_obj, int64_t bits, int64_t outer, int64
   mixquant::unpack_dequantize(packed.data(), b, outer, channels, inner, block, scale.data(), zp.data(), nt, dst);
 }
 
+// y (out, float32 [N, rows] in place) = x [N, cols] times the transposed
+// [rows, cols] matrix of packed codes, dequantized on the fly.
+void packed_matvec(py::object packed_obj, int64_t bits, int64_t rows, int64_t cols, int64_t block,
+                   py::handle scale_obj, py::handle zp_obj, py::object x_obj, int64_t num_threads,
+                   py::object out_obj) {
+  const int b = check_bits(bits);
+  const int nt = check_threads(num_threads);
+  if (rows < 0 || cols < 0)
+    fail("rows and cols must be >= 0, got " + std::to_string(rows) + ", " + std::to_string(cols));
+  int64_t n = 0;
+  if (__builtin_mul_overflow(rows, cols, &n) || n > (int64_t{1} << 58)) fail("rows * cols is too large");
+  if (cols > 0 && (block < 1 || block > cols))
+    fail("block must be in 1..cols = " + std::to_string(cols) + ", got " + std::to_string(block));
+  if (cols == 0) block = 1;
+  const int64_t groups = rows * (cols == 0 ? 1 : (cols + block - 1) / block);
+  U8 packed = packed_arg(packed_obj, n, b);
+  const int64_t need = mixquant::packed_bytes(n, b);
+  F32 scale = as_f32(scale_obj, "scale");
+  I64 z = as_i64(zp_obj, "zero_point");
+  check_ndim(scale, 1, "scale");
+  check_ndim(z, 1, "zero_point");
+  if (scale.size() != z.size() || (scale.size() != 1 && scale.size() != groups))
+    fail("scale and zero_point must have 1 (per tensor) or rows * ceil(cols / block) = " + std::to_string(groups) +
+         " entries, got " + std::to_string(scale.size()) + " and " + std::to_string(z.size()));
+  const int64_t S = scale.size();
+  check_scales(scale.data(), S, "scale");
+  const std::vector<int32_t> zp = zero_points(z, std::vector<int>(1, b), S > 0 ? S : 1, "zero_point");
+  // x is read in place: exactly float32, C-contiguous, [cols] or [N, cols]; no silent copy.
+  if (!py::isinstance<py::array>(x_obj)) fail("x must be a float32 numpy array");
+  py::array x = py::reinterpret_borrow<py::array>(x_obj);
+  if (!x.dtype().equal(py::dtype::of<float>())) fail("x must be float32, got " + std::string(py::str(x.dtype())));
+  if (!(x.flags() & py::array::c_style)) fail("x must be C-contiguous");
+  if ((x.ndim() != 1 && x.ndim() != 2) || x.shape(x.ndim() - 1) != cols)
+    fail("x must be [cols] or [N, cols] with cols = " + std::to_string(cols) + ", got shape " + shape_str(x));
+  const int64_t N = x.ndim() == 1 ? 1 : x.shape(0);
+  if (!py::isinstance<py::array>(out_obj)) fail("out must be a float32 numpy array");
+  py::array out = py::reinterpret_borrow<py::array>(out_obj);
+  if (!out.dtype().equal(py::dtype::of<float>())) fail("out must be float32, got " + std::string(py::str(out.dtype())));
+  if (!(out.flags() & py::array::c_style)) fail("out must be C-contiguous");
+  if (!out.writeable()) fail("out must be writable");
+  int64_t ny = 0;
+  if (__builtin_mul_overflow(N, rows, &ny) || out.size() != ny)
+    fail("out must have N * rows = " + std::to_string(N) + " * " + std::to_string(rows) + " elements, got " +
+         std::to_string(out.size()));
+  float* dst = static_cast<float*>(out.mutable_data());
+  const auto overlaps = [&](const void* p, int64_t bytes) {
+    const auto* a = reinterpret_cast<const char*>(p);
+    const auto* o = reinterpret_cast<const char*>(dst);
+    return ny > 0 && bytes > 0 && o < a + bytes && a < o + ny * static_cast<int64_t>(sizeof(float));
+  };
+  const auto* xp = static_cast<const float*>(x.data());
+  if (overlaps(packed.data(), need)) fail("out must not overlap packed");
+  if (overlaps(xp, N * cols * static_cast<int64_t>(sizeof(float)))) fail("out must not overlap x");
+  py::gil_scoped_release release;
+  mixquant::packed_matvec(packed.data(), b, rows, cols, block, scale.data(), zp.data(), S, xp, N, nt, dst);
+}
 
 // ------------------------------------------------------------------ groups ----
 int64_t check_group_size(int64_t gs) {
@@ -903,6 +959,11 @@ PYBIND11_MODULE(_core, m) {
         "inner"_a, "block"_a, "scale"_a, "zero_point"_a, "num_threads"_a, "out"_a,
         "Decode outer*channels*inner packed codes into out (float32, in place): element (a, c, r) is "
         "(code - zero_point[i]) * scale[i], i = c * ceil(inner / block) + r // block.");
+  m.def("packed_matvec", &packed_matvec, "packed"_a, "bits"_a, "rows"_a, "cols"_a, "block"_a, "scale"_a,
+        "zero_point"_a, "x"_a, "num_threads"_a, "out"_a,
+        "out[r, c] = sum_k (code[c, k] - zero_point[i]) * scale[i] * x[r, k] for the rows x cols codes packed "
+        "LSB-first at bits, i = c * ceil(cols / block) + k // block (0 with one parameter set); x float32 "
+        "[cols] or [N, cols], out float32 [N * rows], both C-contiguous; the weight is never formed.");
 
   m.def("widen_16", &widen_16, "src"_a, "kind"_a, "out"_a, "num_threads"_a,
         "Write the float32 values of uint16 bfloat16/float16 bit patterns into out[:src.size] (exact).");

@@ -124,6 +124,43 @@ struct Vec {
     }
     return groups;
   }
+  // Codes as floats for code_dot: one vector = one group of 8 codes (`bits`
+  // bytes).  Kind 8: a widening load; kind 16: little-endian pairs; kind 0
+  // (any other width): the 3-byte gather of unpack_groups.  window(): bytes a
+  // get() may read from p (all of them must lie inside the stream).
+  static constexpr bool kDecodes = true;
+  // 2- and 4-bit codes by bytes: kLanes bytes, one a lane; field<S> is each lane's bits [S, S + width).
+  using I = __m256i;
+  static I load_u8(const uint8_t* p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))); }
+  static I set1_i(int v) { return _mm256_set1_epi32(v); }
+  template <int S>
+  static V field(I v, I mask) { return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, S), mask)); }
+  struct Codes {
+    __m256i s, sh, mask;
+    int bits;
+    explicit Codes(int b) : bits(b) {
+      alignas(32) int8_t shuf[32];
+      alignas(32) int32_t shift[8];
+      for (int j = 0; j < 8; ++j) {
+        const int bit = j * b;
+        shift[j] = bit & 7;
+        for (int t = 0; t < 4; ++t) shuf[4 * j + t] = static_cast<int8_t>(t < 3 ? (bit >> 3) + t : -128);
+      }
+      s = _mm256_load_si256(reinterpret_cast<const __m256i*>(shuf));
+      sh = _mm256_load_si256(reinterpret_cast<const __m256i*>(shift));
+      mask = _mm256_set1_epi32(b >= 16 ? 0xffff : (1 << b) - 1);
+    }
+    int64_t window() const { return bits == 8 ? 8 : 16; }
+    template <int Kind>
+    V get(const uint8_t* p) const {
+      if (Kind == 8)
+        return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+      if (Kind == 16)
+        return _mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+      const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+      return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(_mm256_shuffle_epi8(v, s), sh), mask));
+    }
+  };
 };
 
 }  // namespace isa_avx2

@@ -122,6 +122,45 @@ struct Vec {
     }
     return g;
   }
+  // Codes as floats for code_dot: one vector = two groups of 8 codes (2 *
+  // `bits` bytes), decoded as in unpack_groups (kind 0), by a widening load
+  // (kind 8) or from little-endian pairs (kind 16).  window(): bytes a get()
+  // may read from p (all of them must lie inside the stream).
+  static constexpr bool kDecodes = true;
+  // 2- and 4-bit codes by bytes: kLanes bytes, one a lane; field<S> is each lane's bits [S, S + width).
+  using I = __m512i;
+  static I load_u8(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static I set1_i(int v) { return _mm512_set1_epi32(v); }
+  template <int S>
+  static V field(I v, I mask) { return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, S), mask)); }
+  struct Codes {
+    __m512i s, sh, mask;
+    int bits;
+    explicit Codes(int b) : bits(b) {
+      alignas(64) int8_t shuf[64];
+      alignas(64) int32_t shift[16];
+      for (int j = 0; j < 16; ++j) {
+        const int bit = (j & 7) * b;
+        shift[j] = bit & 7;
+        for (int t = 0; t < 4; ++t) shuf[4 * j + t] = static_cast<int8_t>(t < 3 ? (bit >> 3) + t : -128);
+      }
+      s = _mm512_load_si512(shuf);
+      sh = _mm512_load_si512(shift);
+      mask = _mm512_set1_epi32(b >= 16 ? 0xffff : (1 << b) - 1);
+    }
+    int64_t window() const { return bits == 8 ? 16 : bits == 16 ? 32 : bits + 16; }
+    template <int Kind>
+    V get(const uint8_t* p) const {
+      if (Kind == 8)
+        return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+      if (Kind == 16)
+        return _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+      const __m256i a = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+      const __m256i b = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + bits)));
+      const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1);
+      return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srlv_epi32(_mm512_shuffle_epi8(v, s), sh), mask));
+    }
+  };
 };
 
 }  // namespace isa_avx512

@@ -530,6 +530,189 @@ void k_unpack_u16(const uint8_t* p, int64_t n, int bits, uint16_t* out) {
   }
 }
 
+// --------------------------------------------------------------- code dot ----
+// sum code_j * x_j straight from the bit stream: codes become floats in
+// registers and are multiplied into float32 partial sums; no weight is formed.
+// Every partial sum (a vector lane, or one of the four scalar ones) takes at
+// most kDotTerms terms before it is added into a double, so each carries at
+// most 64 roundings whatever the level or the length (the bound the tests hold).
+
+// Codes [i, i + n) one by one through a 64-bit bit accumulator: reads each
+// byte once, in order, and none past the last one holding a needed bit.
+template <int NX>
+void dot_stream(const uint8_t* p, int64_t i, int64_t n, int bits, const float* x, int64_t ldx, double* out) {
+  if (n <= 0) return;
+  const uint64_t bit0 = static_cast<uint64_t>(i) * static_cast<uint64_t>(bits);
+  const uint8_t* q = p + bit0 / 8;
+  const int skip = static_cast<int>(bit0 % 8);
+  uint64_t acc = static_cast<uint64_t>(*q++) >> skip;
+  int have = 8 - skip;
+  const uint64_t mask = (uint64_t{1} << bits) - 1;
+  constexpr int64_t kChunk = 4 * kDotTerms;  // four scalar partial sums per row
+  for (int64_t j0 = 0; j0 < n; j0 += kChunk) {
+    const int64_t j1 = min64(n, j0 + kChunk);
+    float part[NX][4];
+    for (int r = 0; r < NX; ++r)
+      for (int u = 0; u < 4; ++u) part[r][u] = 0.0f;
+    for (int64_t j = j0; j < j1; ++j) {
+      while (have < bits) {
+        acc |= static_cast<uint64_t>(*q++) << have;
+        have += 8;
+      }
+      const float c = static_cast<float>(acc & mask);
+      acc >>= bits;
+      have -= bits;
+      for (int r = 0; r < NX; ++r) part[r][j & 3] += c * x[r * ldx + j];
+    }
+    for (int r = 0; r < NX; ++r)
+      out[r] += (static_cast<double>(part[r][0]) + static_cast<double>(part[r][1])) +
+                (static_cast<double>(part[r][2]) + static_cast<double>(part[r][3]));
+  }
+}
+
+// `steps` vectors of kLanes codes from q (byte-aligned, every get() window
+// inside the stream), two accumulators per row, flushed every kDotTerms steps each.
+template <int NX, int Kind>
+void dot_vec(const typename Vec::Codes& d, const uint8_t* q, int64_t steps, int64_t step_bytes, const float* x,
+             int64_t ldx, double* out) {
+  for (int64_t s0 = 0; s0 < steps; s0 += 2 * kDotTerms) {
+    const int64_t s1 = min64(steps, s0 + 2 * kDotTerms);
+    V a0[NX], a1[NX];
+    for (int r = 0; r < NX; ++r) a0[r] = a1[r] = Vec::zero();
+    int64_t s = s0;
+    for (; s + 1 < s1; s += 2) {
+      const V c0 = d.template get<Kind>(q + s * step_bytes);
+      const V c1 = d.template get<Kind>(q + (s + 1) * step_bytes);
+      for (int r = 0; r < NX; ++r) {
+        a0[r] = Vec::fmadd(c0, Vec::load(x + r * ldx + s * kLanes), a0[r]);
+        a1[r] = Vec::fmadd(c1, Vec::load(x + r * ldx + (s + 1) * kLanes), a1[r]);
+      }
+    }
+    if (s < s1) {
+      const V c0 = d.template get<Kind>(q + s * step_bytes);
+      for (int r = 0; r < NX; ++r) a0[r] = Vec::fmadd(c0, Vec::load(x + r * ldx + s * kLanes), a0[r]);
+    }
+    for (int r = 0; r < NX; ++r) out[r] += Vec::hsum(a0[r]) + Vec::hsum(a1[r]);
+  }
+}
+
+template <int NX>
+void code_dot_row(const typename Vec::Codes& d, const uint8_t* p, const uint8_t* end, int64_t i0, int64_t n,
+                  int64_t block, int bits, const float* x, int64_t ldx, double* out) {
+  const int64_t kind = bits == 8 ? 8 : bits == 16 ? 16 : 0;
+  const int64_t window = d.window();
+  const int64_t step_bytes = kLanes / 8 * bits;  // kLanes codes, a whole number of 8-code groups
+  for (int64_t b = 0, j = 0; j < n; ++b) {
+    double* o = out + b * NX;
+    for (int r = 0; r < NX; ++r) o[r] = 0.0;
+    const int64_t je = min64(n, j + block);
+    if constexpr (Vec::kDecodes) {
+      // Head: codes up to the next one that starts a byte (a multiple of 8 in the stream).
+      const int64_t ja = min64(je, (i0 + j + 7) / 8 * 8 - i0);
+      dot_stream<NX>(p, i0 + j, ja - j, bits, x + j, ldx, o);
+      j = ja;
+      const uint8_t* q = p + static_cast<int64_t>(static_cast<uint64_t>(i0 + j) / 8 * static_cast<uint64_t>(bits));
+      const int64_t left = end - q;
+      const int64_t safe = left >= window ? (left - window) / step_bytes + 1 : 0;
+      const int64_t steps = min64((je - j) / kLanes, safe);
+      if (kind == 8) dot_vec<NX, 8>(d, q, steps, step_bytes, x + j, ldx, o);
+      else if (kind == 16) dot_vec<NX, 16>(d, q, steps, step_bytes, x + j, ldx, o);
+      else dot_vec<NX, 0>(d, q, steps, step_bytes, x + j, ldx, o);
+      j += steps * kLanes;
+    }
+    dot_stream<NX>(p, i0 + j, je - j, bits, x + j, ldx, o);
+    j = je;
+  }
+}
+
+// 2- and 4-bit codes never straddle a byte: a vector of kLanes bytes holds P =
+// 8 / bits codes a lane, lane j's t-th being code j * P + t of the chunk of
+// kLanes * P codes.  Against x permuted once per call the same way
+// (xp[(s * P + t) * kLanes + j] = x[s * kLanes * P + j * P + t]) every code is one
+// shift, mask and conversion from its product.  One accumulator per (row, t):
+// each takes one term a chunk, flushed every kDotTerms chunks.
+template <int NX, int P>
+void dot_bytes(const uint8_t* q, int64_t chunks, const float* xp, int64_t ldxp, double* out) {
+  constexpr int B = 8 / P;
+  const typename Vec::I mask = Vec::set1_i((1 << B) - 1);
+  for (int64_t s0 = 0; s0 < chunks; s0 += kDotTerms) {
+    const int64_t s1 = min64(chunks, s0 + kDotTerms);
+    V a[NX][4];
+    for (int r = 0; r < NX; ++r)
+      for (int t = 0; t < 4; ++t) a[r][t] = Vec::zero();
+    for (int64_t s = s0; s < s1; ++s) {
+      const typename Vec::I v = Vec::load_u8(q + s * kLanes);
+      const float* xs = xp + s * P * kLanes;
+#define MIXQUANT_FIELD(T)                                                              \
+      if constexpr (T < P) {                                                           \
+        const V c = Vec::template field<T * B>(v, mask);                               \
+        for (int r = 0; r < NX; ++r)                                                   \
+          a[r][T] = Vec::fmadd(c, Vec::load(xs + r * ldxp + T * kLanes), a[r][T]);      \
+      }
+      MIXQUANT_FIELD(0)
+      MIXQUANT_FIELD(1)
+      MIXQUANT_FIELD(2)
+      MIXQUANT_FIELD(3)
+#undef MIXQUANT_FIELD
+    }
+    for (int r = 0; r < NX; ++r)
+      for (int t = 0; t < P; ++t) out[r] += Vec::hsum(a[r][t]);
+  }
+}
+
+// The rows of one code_dot call by dot_bytes when they allow it (2 or 4 bits,
+// one block a row, every row starting on a byte); false otherwise.
+template <int NX>
+bool code_dot_bytes(const typename Vec::Codes& d, const uint8_t* p, const uint8_t* end, int64_t i0, int64_t m,
+                    int64_t n, int64_t block, int bits, const float* x, int64_t ldx, float* perm, int* ready,
+                    double* out) {
+  if constexpr (!Vec::kDecodes) {
+    return false;
+  } else {
+    const int64_t P = bits == 4 ? 2 : bits == 2 ? 4 : 0;
+    if (P == 0 || block < n || i0 % P != 0 || n % P != 0 || n < kLanes * P) return false;
+    const int64_t chunks = n / (kLanes * P), done = chunks * kLanes * P;
+    if (!*ready) {  // NX rows of `done` permuted values, kept by the caller for its next calls
+      for (int r = 0; r < NX; ++r)
+        for (int64_t s = 0; s < chunks; ++s)
+          for (int64_t t = 0; t < P; ++t)
+            for (int64_t j = 0; j < kLanes; ++j)
+              perm[r * done + (s * P + t) * kLanes + j] = x[r * ldx + s * kLanes * P + j * P + t];
+      *ready = 1;
+    }
+    for (int64_t q = 0; q < m; ++q) {
+      const int64_t row = i0 + q * n;
+      double* o = out + q * NX;
+      for (int r = 0; r < NX; ++r) o[r] = 0.0;
+      if (P == 2) dot_bytes<NX, 2>(p + row / 2, chunks, perm, done, o);
+      else dot_bytes<NX, 4>(p + row / 4, chunks, perm, done, o);
+      double rest[NX] = {};
+      code_dot_row<NX>(d, p, end, row + done, n - done, n - done > 0 ? n - done : 1, bits, x + done, ldx, rest);
+      for (int r = 0; r < NX; ++r) o[r] += rest[r];
+    }
+    return true;
+  }
+}
+
+template <int NX>
+void code_dot_nx(const uint8_t* p, const uint8_t* end, int64_t i0, int64_t m, int64_t n, int64_t block, int bits,
+                 const float* x, int64_t ldx, float* xbuf, int* xready, double* out) {
+  const typename Vec::Codes d(bits);  // once per call: its tables cost as much as a short row
+  if (code_dot_bytes<NX>(d, p, end, i0, m, n, block, bits, x, ldx, xbuf, xready, out)) return;
+  const int64_t nb = (n + block - 1) / block;
+  for (int64_t q = 0; q < m; ++q) code_dot_row<NX>(d, p, end, i0 + q * n, n, block, bits, x, ldx, out + q * nb * NX);
+}
+
+void k_code_dot(const uint8_t* p, const uint8_t* end, int64_t i0, int64_t m, int64_t n, int64_t block, int bits,
+                const float* x, int64_t ldx, int64_t nx, float* xbuf, int* xready, double* out) {
+  switch (nx) {
+    case 1: code_dot_nx<1>(p, end, i0, m, n, block, bits, x, ldx, xbuf, xready, out); break;
+    case 2: code_dot_nx<2>(p, end, i0, m, n, block, bits, x, ldx, xbuf, xready, out); break;
+    case 3: code_dot_nx<3>(p, end, i0, m, n, block, bits, x, ldx, xbuf, xready, out); break;
+    default: code_dot_nx<4>(p, end, i0, m, n, block, bits, x, ldx, xbuf, xready, out); break;
+  }
+}
+
 }  // namespace
 }  // namespace MIXQUANT_ISA_NS
 
@@ -549,6 +732,7 @@ const KernelTable MIXQUANT_ISA_TABLE = {
     &MIXQUANT_ISA_NS::k_dequant_u8,
     &MIXQUANT_ISA_NS::k_dequant_u16,
     &MIXQUANT_ISA_NS::k_unpack_u16,
+    &MIXQUANT_ISA_NS::k_code_dot,
 };
 
 }  // namespace mixquant

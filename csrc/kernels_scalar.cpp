@@ -79,6 +79,19 @@ struct Vec {
   static V select_pos(V a, V r) { return a > 0.0f ? r : 0.0f; }
   // No SIMD decoding: the caller's bit accumulator does every group.
   static int64_t unpack_groups(const uint8_t*, int64_t, int, uint16_t*) { return 0; }
+  // No SIMD decoding in code_dot either: its bit-stream loop does every code.
+  static constexpr bool kDecodes = false;
+  using I = uint32_t;
+  static I load_u8(const uint8_t* p) { return *p; }
+  static I set1_i(int v) { return static_cast<I>(v); }
+  template <int S>
+  static V field(I v, I mask) { return static_cast<float>((v >> S) & mask); }
+  struct Codes {
+    explicit Codes(int) {}
+    int64_t window() const { return 0; }
+    template <int Kind>
+    V get(const uint8_t*) const { return 0.0f; }
+  };
 };
 
 }  // namespace isa_scalar

@@ -792,6 +792,83 @@ void unpack_dequantize(const uint8_t* packed, int bits, int64_t A, int64_t C, in
   }
 }
 
+// Weights per thread below which another thread costs more than it brings.
+constexpr int64_t kMatvecPerThread = 262144;
+// Matrix rows per code_dot call (and per OpenMP work item), fewer when a row
+// has many blocks (its scratch holds 4 doubles per block and row).
+constexpr int64_t kMatvecRun = 16;
+constexpr int64_t kMatvecScratch = 16384;
+
+void packed_matvec(const uint8_t* packed, int bits, int64_t C, int64_t K, int64_t block, const float* scale,
+                   const int32_t* zero_point, int64_t S, const float* x, int64_t N, int num_threads, float* y) {
+  if (C == 0 || N == 0) return;
+  if (K == 0) {  // empty sums
+    for (int64_t i = 0; i < N * C; ++i) y[i] = 0.0f;
+    return;
+  }
+  const int64_t G = (K + block - 1) / block;
+  // sum x over each block of each input row, in double (shared by every matrix row;
+  // four independent sums, so that a long row is not one chain of dependent adds).
+  std::vector<double> xs(static_cast<size_t>(N * G), 0.0);
+  for (int64_t r = 0; r < N; ++r)
+    for (int64_t g = 0; g < G; ++g) {
+      const float* xb = x + r * K + g * block;
+      const int64_t len = std::min(K - g * block, block);
+      double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
+      int64_t k = 0;
+      for (; k + 4 <= len; k += 4) {
+        s0 += xb[k];
+        s1 += xb[k + 1];
+        s2 += xb[k + 2];
+        s3 += xb[k + 3];
+      }
+      for (; k < len; ++k) s0 += xb[k];
+      xs[static_cast<size_t>(r * G + g)] = (s0 + s1) + (s2 + s3);
+    }
+  const KernelTable* t = current_table();  // read once: one level for the whole call
+  const uint8_t* end = packed + packed_bytes(C * K, bits);
+  const int64_t run = std::max<int64_t>(1, std::min(kMatvecRun, kMatvecScratch / G));
+  const int64_t items = (C + run - 1) / run;
+  const int nt = clamp_threads(num_threads, std::min(items, (C * K + kMatvecPerThread - 1) / kMatvecPerThread));
+  const int64_t stride = thread_stride<double>(run * G * kDotMaxRows);
+  std::vector<double> scratch(static_cast<size_t>(nt * stride));
+  // Per thread: room for the kernel's reordered copy of x (N rows) and one flag per pass of kDotMaxRows rows.
+  const int64_t passes = (N + kDotMaxRows - 1) / kDotMaxRows;
+  const int64_t xstride = thread_stride<float>(N * K);
+  std::vector<float> xbuf(static_cast<size_t>(nt * xstride));
+  std::vector<int> xready(static_cast<size_t>(nt * passes), 0);
+  (void)nt;  // only read by the OpenMP pragma when there is one
+  // Dynamic: on a shared machine a thread that loses its core does not hold the
+  // others up with half the rows (rows are independent, so the result is the same).
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+#endif
+  for (int64_t it = 0; it < items; ++it) {
+    const int tid = thread_id();
+    double* sums = scratch.data() + tid * stride;
+    const int64_t c0 = it * run;
+    const int64_t m = std::min(run, C - c0);
+    for (int64_t r0 = 0, pass = 0; r0 < N; r0 += kDotMaxRows, ++pass) {
+      const int64_t nx = std::min(kDotMaxRows, N - r0);
+      t->code_dot(packed, end, c0 * K, m, K, block, bits, x + r0 * K, K, nx, xbuf.data() + tid * xstride + r0 * K,
+                  xready.data() + tid * passes + pass, sums);
+      for (int64_t q = 0; q < m; ++q) {
+        const int64_t c = c0 + q;
+        const double* cs = sums + q * G * nx;
+        for (int64_t r = 0; r < nx; ++r) {
+          const double* xr = xs.data() + (r0 + r) * G;
+          double acc = 0.0;
+          for (int64_t g = 0; g < G; ++g) {
+            const int64_t i = S == 1 ? 0 : c * G + g;
+            acc += static_cast<double>(scale[i]) * (cs[g * nx + r] - static_cast<double>(zero_point[i]) * xr[g]);
+          }
+          y[(r0 + r) * C + c] = static_cast<float>(acc);
+        }
+      }
+    }
+  }
+}
+
 uint32_t max_code(const uint8_t* codes, int64_t n) { return max_code_impl(codes, n); }
 uint32_t max_code(const uint16_t* codes, int64_t n) { return max_code_impl(codes, n); }
 

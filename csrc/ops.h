@@ -83,6 +83,18 @@ void dequantize(const uint16_t* codes, int64_t C, int64_t K, const float* scale,
 void unpack_dequantize(const uint8_t* packed, int bits, int64_t A, int64_t C, int64_t R, int64_t block,
                        const float* scale, const int32_t* zero_point, int num_threads, float* out);
 
+// Packed matrix times vectors: y[r, c] = sum_k (code[c, k] - zp[i]) * scale[i] * x[r, k]
+// for the [C, K] matrix of codes packed LSB-first at `bits` (row-major, the
+// layout of pack_bits), x [N, K] and y [N, C] row-major.  i = c * G + k / block
+// (G = ceil(K / block)) when S = C * G parameter sets are given, 0 when S = 1
+// (per tensor).  Per block it computes scale * (sum code * x - zp * sum x):
+// the first sum in float32 partial sums of at most kDotTerms terms added in
+// double, the rest in double, one rounding to float32 at the end.  Rows are
+// independent, so the result does not depend on num_threads.  K >= 1,
+// 1 <= block <= K, `packed` holds packed_bytes(C * K, bits) bytes.
+void packed_matvec(const uint8_t* packed, int bits, int64_t C, int64_t K, int64_t block, const float* scale,
+                   const int32_t* zero_point, int64_t S, const float* x, int64_t N, int num_threads, float* y);
+
 // Largest code in the array (used to validate codes against 2^bits - 1).
 uint32_t max_code(const uint8_t* codes, int64_t n);
 uint32_t max_code(const uint16_t* codes, int64_t n);

@@ -65,7 +65,25 @@ struct KernelTable {
   // n codes of `bits` bits (1..16) from an LSB-first bit stream whose first
   // code starts at bit 0 of packed[0]; reads exactly ceil(n * bits / 8) bytes.
   void (*unpack_u16)(const uint8_t* packed, int64_t n, int bits, uint16_t* out);
+  // Dot products of packed codes with nx (1..4) float vectors, block by block,
+  // for m rows: row q is the n codes at indices [i0 + q * n, i0 + (q + 1) * n)
+  // of the LSB-first stream at `packed` (`bits` bits each, any i0; no byte at
+  // or past `end` is read); block b of a row holds its codes [b * block,
+  // (b + 1) * block) (the last one possibly short), and
+  // out[(q * nb + b) * nx + r] = sum over the block of code_j * x[r * ldx + j]
+  // (nb = ceil(n / block)).  Sums are float32 partial sums of at most
+  // kDotTerms terms each, added in double; codes are never turned into weights.
+  // xbuf: scratch for nx * n floats that the caller keeps, with *xready (0 at
+  // first), across calls with the same x: the kernel may leave a reordered copy
+  // of x there and set *xready to reuse it.
+  void (*code_dot)(const uint8_t* packed, const uint8_t* end, int64_t i0, int64_t m, int64_t n, int64_t block,
+                   int bits, const float* x, int64_t ldx, int64_t nx, float* xbuf, int* xready, double* out);
 };
+
+// Terms per float32 partial sum of code_dot before it is added into a double
+// (each such sum carries at most 64 roundings: the bound the tests check).
+constexpr int64_t kDotTerms = 64;
+constexpr int64_t kDotMaxRows = 4;
 
 // Defined in kernels_<isa>.cpp (only the ones CMake compiled).
 extern const KernelTable kTableScalar;

@@ -35,6 +35,7 @@ _EXPORTS = {
     "RoundoffError": "core.error", "roundoff_error": "core.error",
     "dequantize_tensor": "core.kernels", "fake_quantize_tensor": "core.kernels", "pack_bits": "core.kernels",
     "quantize_tensor": "core.kernels", "unpack_bits": "core.kernels", "unpack_dequantize": "core.kernels",
+    "packed_matvec": "core.kernels",
     "ClipSearchResult": "core.ranges", "choose_qparams": "core.ranges", "clip_search": "core.ranges",
     "ExportInfo": "io.export", "export": "io.export", "load_quantized": "io.export",
     "OnnxExportInfo": "io.onnx_export", "export_onnx": "io.onnx_export",
@@ -55,8 +56,8 @@ if TYPE_CHECKING:  # what static tools see; at run time the names resolve in __g
     from .core.backend import (get_backend, set_backend, set_simd_level, simd_level, supported_simd_levels,
                                use_backend, use_simd_level)
     from .core.error import RoundoffError, roundoff_error
-    from .core.kernels import (dequantize_tensor, fake_quantize_tensor, pack_bits, quantize_tensor, unpack_bits,
-                                unpack_dequantize)
+    from .core.kernels import (dequantize_tensor, fake_quantize_tensor, pack_bits, packed_matvec, quantize_tensor,
+                                unpack_bits, unpack_dequantize)
     from .core.ranges import ClipSearchResult, choose_qparams, clip_search
     from .core.runtime import prepare_process
     from .io.export import ExportInfo, export, load_quantized
@@ -117,6 +118,7 @@ __all__ = [
     "find_layers",
     "get_backend",
     "pack_bits",
+    "packed_matvec",
     "quantize_tensor",
     "register_quantizable",
     "roundoff_error",

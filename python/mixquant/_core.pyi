@@ -126,6 +126,14 @@ def unpack_dequantize(packed: _U8, bits: int, outer: int, channels: int, inner: 
     ``i = c * max(1, ceil(inner / block)) + r // block``; ``1 <= block <= inner``.  ``out`` must not
     overlap ``packed``."""
 
+def packed_matvec(packed: _U8, bits: int, rows: int, cols: int, block: int, scale: npt.ArrayLike,
+                  zero_point: npt.ArrayLike, x: _F32, num_threads: int, out: _F32) -> None:
+    """``out[r, c] = sum_k (code[c, k] - zero_point[i]) * scale[i] * x[r, k]`` for the ``rows x cols`` codes
+    packed LSB-first at ``bits`` (row-major), ``i = c * ceil(cols / block) + k // block`` (0 with one
+    parameter set); ``x`` float32 ``[cols]`` or ``[N, cols]`` and ``out`` float32 ``[N * rows]`` (in place),
+    both C-contiguous, ``out`` overlapping neither ``x`` nor ``packed``.  Per block
+    ``scale * (sum code * x - zp * sum x)``: float32 partial sums of at most 64 terms added in double."""
+
 # Group-wise quantizers: each row of w [C, K] is cut into G = ceil(K / group_size)
 # groups of group_size consecutive elements (the last one possibly short);
 # parameters are [C * G] (or [B, C * G]) in (row, group) order.  Group scales

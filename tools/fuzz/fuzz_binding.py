@@ -11,6 +11,9 @@ Draws random problems for a fixed time and checks, for each one:
 * NaN/Inf anywhere in a weight: every public kernel raises ValueError naming
   the tensor, on both backends;
 * the same with group-wise scales (``group_size``) on some per-channel problems;
+* the packed matrix-vector product on random widths, shapes, parameter kinds
+  and input magnitudes: native within ``MATVEC_TOLERANCE`` of its float64 twin
+  on every SIMD level;
 * junk arguments to the raw ``mixquant._core`` functions (wrong types, ranks,
   lengths, dtypes, negative/huge sizes and thread counts, bits 0/17, NaN
   parameters): ValueError or TypeError, never a crash.
@@ -246,6 +249,8 @@ def check_raw_junk(rng: np.random.Generator) -> None:
         "unpack_bits": (np.zeros(7, np.uint8), 3, 10),
         "unpack_dequantize": (np.zeros(8, np.uint8), 4, 1, 2, 8, 8, np.ones(2, np.float32), np.zeros(2, np.int64),
                               1, np.empty(16, np.float32)),
+        "packed_matvec": (np.zeros(8, np.uint8), 4, 2, 8, 8, np.ones(2, np.float32), np.zeros(2, np.int64),
+                          np.ones(8, np.float32), 1, np.empty(2, np.float32)),
         # V, floor, scale, lo, hi, [grad_w, exp_avg, exp_avg_sq,] w
         "rounding_weight": tuple(np.full(6, v, np.float32) for v in (0, 0, 1, 0, 1, 0)) + (1,),
         "rounding_step": tuple(np.full(6, v, np.float32) for v in (0, 0, 1, 0, 1, 0.5, 0, 0, 0))
@@ -261,6 +266,38 @@ def check_raw_junk(rng: np.random.Generator) -> None:
         pass  # MemoryError: e.g. unpack_bits(n=2**62) asks numpy for exabytes
 
 
+def check_matvec(rng: np.random.Generator) -> None:
+    from mixquant.core.kernels import MATVEC_TOLERANCE
+
+    bits = int(rng.integers(1, 17))
+    c, k, n = int(rng.integers(1, 10)), int(rng.integers(1, 301)), int(rng.integers(1, 7))
+    codes = rng.integers(0, 2**bits, size=(c, k))
+    packed = torch.from_numpy(mixquant.pack_bits(codes.reshape(-1), bits))
+    kind = ["tensor", "channel", "blocked"][int(rng.integers(0, 3))]
+    block = int(rng.integers(1, k + 1)) if kind == "blocked" else None
+    groups = -(-k // block) if block else 1
+    count = 1 if kind == "tensor" else c * groups
+    scale = torch.from_numpy((10.0 ** rng.uniform(-4, 1, size=count)).astype(np.float32))
+    zp = torch.from_numpy(rng.integers(0, 2**bits, size=count).astype(np.int32))
+    x = rng.standard_normal((n, k)) * float(rng.choice([1.0, 1e-3, 1e3, 1e-20, 1e20]))
+    x = torch.from_numpy(x.astype(np.float32))
+    ref = mixquant.packed_matvec(packed, bits, (c, k), scale, zp, x, block_size=block, backend="reference")
+    if count == 1:
+        s_el, z_el = np.full((c, k), float(scale[0])), np.full((c, k), float(zp[0]))
+    else:
+        idx = np.arange(c)[:, None] * groups + np.arange(k)[None, :] // (block or k)
+        s_el, z_el = scale.double().numpy()[idx], zp.double().numpy()[idx]
+    tol = MATVEC_TOLERANCE[0] * (np.abs(x.double().numpy()) @ ((codes + z_el) * s_el).T) \
+        + MATVEC_TOLERANCE[1] * np.abs(ref.double().numpy()) + FLOOR
+    for level in LEVELS:
+        with mixquant.use_simd_level(level):
+            nat = mixquant.packed_matvec(packed, bits, (c, k), scale, zp, x, block_size=block,
+                                         num_threads=int(rng.integers(1, 4)))
+        err = np.abs(nat.double().numpy() - ref.double().numpy())
+        check(bool((err <= tol).all()), f"packed_matvec {level} bits={bits} {(c, k, n)} {kind} block={block}: "
+                                        f"error {err.max()} over the bound")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=60.0)
@@ -274,11 +311,13 @@ def main() -> int:
         rng = np.random.default_rng([seed, case])
         try:
             w = draw_tensor(rng)
-            what = int(rng.integers(0, 4))
+            what = int(rng.integers(0, 5))
             if what <= 1:
                 check_public(rng, w)
             elif what == 2:
                 check_nonfinite(rng, w)
+            elif what == 3:
+                check_matvec(rng)
             else:
                 check_raw_junk(rng)
         except Exception as exc:  # Violation or an unexpected exception type

@@ -1,4 +1,5 @@
-"""Tensor kernels: fake quantization, integer codes, dequantization, bit packing, unpack-and-dequantize.
+"""Tensor kernels: fake quantization, integer codes, dequantization, bit packing, unpack-and-dequantize,
+the packed matrix-vector product.
 
 Every function takes torch tensors (CPU or not, any float dtype, contiguous or
 not) and a ``backend`` argument (``"native"``, ``"reference"`` or ``None`` for
@@ -31,6 +32,8 @@ __all__ = [
     "pack_bits",
     "unpack_bits",
     "unpack_dequantize",
+    "packed_matvec",
+    "MATVEC_TOLERANCE",
     "PackedLayout",
     "packed_layout",
 ]
@@ -287,3 +290,93 @@ def decode_packed(
         return dst
     values = reference.unpack_dequantize(packed, bits, *layout, scale, zero_point)
     return values if out is None else out.copy_(values.reshape(out.shape))
+
+
+# The bound packed_matvec's native result is held to against its float64 twin
+# (see packed_matvec): |y - y64| <= MATVEC_TOLERANCE[0] * sum_k scale * (code + zp) * |x|
+#                                   + MATVEC_TOLERANCE[1] * |y64|.
+MATVEC_TOLERANCE = (2.0**-18, 2.0**-23)
+
+
+def packed_matvec(
+    packed: Union[Tensor, np.ndarray, bytes], bits: int, shape: Sequence[int], scale: Tensor, zero_point: Tensor,
+    x: Tensor, *, block_size: Optional[int] = None, out: Optional[Tensor] = None, backend: Optional[str] = None,
+    num_threads: Optional[int] = None,
+) -> Tensor:
+    """``x @ W.T`` for the ``[C, K]`` weight ``W`` of codes packed by :func:`pack_bits`, without forming ``W``.
+
+    ``W[c, k] = (code[c, k] - zero_point[i]) * scale[i]`` with the parameters of
+    :func:`unpack_dequantize` (one: per tensor; ``C``: per channel; with
+    ``block_size``, ``C * ceil(K / block_size)`` blocks along each row). ``x`` is a
+    contiguous float32 CPU tensor ``[K]`` (result ``[C]``) or ``[N, K]`` (result
+    ``[N, C]``; made for a few rows, the batch-1 decoding case); ``out``, a
+    contiguous float32 CPU tensor of ``N * C`` elements, receives the result in place.
+
+    Natively each packed byte is read once: codes are decoded in registers and
+    multiplied into float32 partial sums, every block computed as
+    ``scale * (sum_k code * x - zero_point * sum_k x)``. Each float32 partial sum
+    takes at most 64 terms before it is added into a double; the scale, the
+    zero-point term and the sum over blocks are double; the result is rounded
+    to float32 once. Against the float64 reference (``backend="reference"``, the
+    same form in float64) the result is therefore within
+    ``2**-18 * sum_k scale * (code + zero_point) * |x| + 2**-23 * |y|`` (``MATVEC_TOLERANCE``; the
+    zero-point part covers the double sums, whose error is far smaller), not
+    bit-identical: its float32 partial sums add in another order. Against
+    dequantize-then-matmul (``x @ unpack_dequantize(...).T``, what an unpacked
+    model computes) it differs further by that product's own rounding: each
+    weight rounded to float32, then float32 sums in BLAS's order. The
+    zero-point form carries the rounding of ``sum code * x``, which is larger
+    than ``sum (code - zp) * x`` when codes sit far from their zero point.
+    A non-finite ``x`` gives non-finite outputs (``inf - inf`` is NaN where
+    dequantize-then-matmul may give an infinity).
+    """
+    bits = check_bits(bits)
+    buf = _packed_bytes(packed)
+    shape = tuple(int(d) for d in shape) if isinstance(shape, (tuple, list, torch.Size)) else shape
+    if not isinstance(shape, tuple) or len(shape) != 2 or any(d < 0 for d in shape):
+        raise ValueError(f"shape must be (C, K), two sizes >= 0, got {shape!r}")
+    rows, cols = shape
+    scale_t = torch.as_tensor(scale)
+    if scale_t.numel() == 1 and block_size is None:
+        block = max(cols, 1)
+    else:
+        block = packed_layout(shape, 0, scale_t.numel(), block_size).block
+    if buf.numel() < (rows * cols * bits + 7) // 8:
+        raise ValueError(f"packed holds {buf.numel()} bytes, {rows * cols} codes of {bits} bits need "
+                         f"{(rows * cols * bits + 7) // 8}")
+    s, z = check_qparams(scale_t, zero_point, scale_t.numel(), 2**bits - 1)
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype != torch.float32:
+        raise TypeError(f"x must be float32, got {x.dtype}")
+    if x.dim() not in (1, 2) or x.shape[-1] != cols:
+        raise ValueError(f"x must be [K] or [N, K] with K = {cols}, got shape {tuple(x.shape)}")
+    if not x.is_contiguous():
+        raise ValueError("x must be contiguous (call .contiguous() on it)")
+    n = 1 if x.dim() == 1 else x.shape[0]
+    if out is not None and (not isinstance(out, torch.Tensor) or out.dtype != torch.float32 or out.device.type != "cpu"
+                            or not out.is_contiguous() or out.numel() != n * rows):
+        raise ValueError(f"out must be a contiguous float32 CPU tensor of N * C = {n * rows} elements")
+    y = matvec_packed(buf, bits, rows, cols, block, s, z, x.reshape(n, cols), out=out, backend=backend,
+                      num_threads=num_threads)
+    return y.view(rows) if x.dim() == 1 else y.view(n, rows)
+
+
+def matvec_packed(
+    packed: Tensor, bits: int, rows: int, cols: int, block: int, scale: Tensor, zero_point: Tensor, x: Tensor, *,
+    out: Optional[Tensor] = None, backend: Optional[str] = None, num_threads: Optional[int] = None,
+) -> Tensor:
+    """:func:`packed_matvec` without the Python-side checks (``x`` is ``[N, cols]``; flat ``[N * rows]`` result).
+
+    The packed runtime calls it in the forward of a one-row Linear. The native
+    binding still checks sizes, ranges, scales and strides itself; the
+    reference path (also taken for tensors that are not on the CPU) trusts them.
+    """
+    if resolve_backend(backend) == "native" and packed.device.type == "cpu" and x.device.type == "cpu":
+        dst = torch.empty(x.shape[0] * rows, dtype=torch.float32) if out is None else out
+        native().packed_matvec(packed.contiguous().numpy(), bits, rows, cols, block, scale.contiguous().numpy(),
+                               zero_point.contiguous().numpy(), x.detach().numpy(), resolve_threads(num_threads),
+                               dst.numpy())
+        return dst
+    y = reference.packed_matvec(packed, bits, rows, cols, block, scale, zero_point, x).reshape(-1)
+    return y if out is None else out.copy_(y)

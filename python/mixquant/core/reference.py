@@ -34,6 +34,7 @@ __all__ = [
     "pack_bits",
     "unpack_bits",
     "unpack_dequantize",
+    "packed_matvec",
     "bf16_ceil",
     "group_view",
     "group_minmax",
@@ -226,6 +227,38 @@ def unpack_dequantize(
     s = scale.reshape(-1).to(device=dev, dtype=torch.float32)[index]
     z = zp.reshape(-1).to(device=dev, dtype=torch.float32)[index]
     return ((codes - z) * s).reshape(-1)
+
+
+def packed_matvec(
+    packed: torch.Tensor, bits: int, rows: int, cols: int, block: int, scale: torch.Tensor, zp: torch.Tensor,
+    x: torch.Tensor,
+) -> torch.Tensor:
+    """``y[r, c] = sum_k (code[c, k] - zp[i]) * scale[i] * x[r, k]`` in float64, rounded once to float32 (``[N, rows]``).
+
+    The codes are the ``[rows, cols]`` matrix packed row-major; ``i = c * G + k // block``
+    (``G = ceil(cols / block)``), or 0 when there is one parameter set. Computed
+    block by block as ``scale * (sum code * x - zp * sum x)``, the native
+    kernel's form, but in float64 throughout (each product is exact; the sums
+    carry about 1e-16 relative error), so the native result is held to its
+    float32 partial sums' bound against this one.
+    """
+    n = rows * cols
+    x64 = x.reshape(x.shape[0] if x.dim() == 2 else 1, cols).to(torch.float64)
+    if n == 0:
+        return torch.zeros(x64.shape[0], rows, dtype=torch.float32, device=x.device)
+    groups = -(-cols // block)
+    codes = unpack_bits(packed, bits, n).to(device=x.device, dtype=torch.float64).view(rows, cols)
+    pad = groups * block - cols
+    cg = torch.nn.functional.pad(codes, (0, pad)).view(rows, groups, block)
+    xg = torch.nn.functional.pad(x64, (0, pad)).view(-1, groups, block)
+    s = scale.reshape(-1).to(device=x.device, dtype=torch.float64)
+    z = zp.reshape(-1).to(device=x.device, dtype=torch.float64)
+    if s.numel() == 1:
+        s, z = s.expand(rows * groups), z.expand(rows * groups)
+    s, z = s.reshape(rows, groups), z.reshape(rows, groups)
+    cx = (cg.unsqueeze(0) * xg.unsqueeze(1)).sum(dim=3)        # sum code * x per block: [N, rows, G]
+    sx = xg.sum(dim=2)                                         # sum x per block
+    return ((cx - z * sx[:, None, :]) * s).sum(dim=2).to(torch.float32)
 
 
 # ---------------------------------------------------------------- groups ----

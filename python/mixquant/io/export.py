@@ -384,7 +384,7 @@ def _check_values(model: nn.Module, tensors: Dict[str, torch.Tensor], inputs: Di
                                  f"in [0, {2**bits - 1}]")
 
 
-def load_quantized(path: PathLike, model: nn.Module, *, packed: bool = False) -> nn.Module:
+def load_quantized(path: PathLike, model: nn.Module, *, packed: Union[bool, str] = False) -> nn.Module:
     """Rebuild a quantized model from :func:`export`'s file into ``model``, a fresh float instance of the architecture.
 
     ``model`` is modified in place (batch norms folded structurally, weights
@@ -400,11 +400,22 @@ def load_quantized(path: PathLike, model: nn.Module, *, packed: bool = False) ->
     (:mod:`mixquant.nn.packed`): the model holds about ``BitConfig.size_bytes``
     for those layers instead of 4 bytes a weight, and its outputs are
     bit-identical to the unpacked model's.
+
+    ``packed="fused"`` is ``packed=True`` plus, for ``nn.Linear`` layers, the fused
+    matrix-vector kernel on one-row inputs (batch 1 x 1 token: a language model's
+    decoding step): the output is computed from the codes without decoding the
+    weight, and is close to the unpacked model's but not bit-identical (within
+    float32 rounding of each row's sum; :func:`mixquant.packed_matvec` states the
+    bound). Every other input keeps the bit-identical decode. It is a separate
+    choice so that ``packed=True`` keeps its bit-for-bit promise.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(packed, bool):
-        raise TypeError(f"packed must be a bool, got {type(packed).__name__}")
+    if isinstance(packed, str):
+        if packed != "fused":
+            raise ValueError(f"packed must be True, False or 'fused', got {packed!r}")
+    elif not isinstance(packed, bool):
+        raise TypeError(f"packed must be a bool or 'fused', got {type(packed).__name__}")
     if hasattr(model, "mixquant_state"):
         raise ValueError("model is already quantized; pass a fresh float instance")
     meta = next((n for n, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta), None)
@@ -468,7 +479,7 @@ def load_quantized(path: PathLike, model: nn.Module, *, packed: bool = False) ->
                 raise ValueError(f"{path!r}: layer {name!r} has groups of {gs}; the packed runtime decodes "
                                  "per-channel and per-tensor layers only (load it unpacked)")
             try:
-                pack_layer(layer, codes, scale, zp, bits, axis, name)
+                pack_layer(layer, codes, scale, zp, bits, axis, name, fused=packed == "fused")
             except ValueError as exc:
                 raise ValueError(f"{path!r} cannot be loaded packed into this model: {exc}") from None
             keys = (PACKED_KEY, "weight_scale", "weight_zero_point")

@@ -16,6 +16,19 @@ that produces the weights of an unpacked quantized model, so outputs are
 bit-identical to it. The price is one decode per access (the weight of the
 largest layer is the extra memory in flight); gradients do not flow into
 packed weights (an inference runtime).
+
+Fused Linear layers (``pack_layer(..., fused=True)``, ``load_quantized(...,
+packed="fused")``): an ``nn.Linear`` whose input is one row (batch 1 x 1 token,
+the decoding step of a language model) skips the decode and computes its
+output straight from the codes with the fused kernel
+(:func:`mixquant.core.kernels.packed_matvec`): each packed byte read once, no
+float weight formed. That output is *not* bit-identical to the unpacked
+model's: it is within the kernel's bound of the exact product (float32 partial
+sums of at most 64 terms), where the unpacked model rounds every weight to
+float32 and sums in BLAS's order; the two differ by a few float32 roundings
+of the row's sum. Every other input (more rows, another dtype or device, an
+input that needs a gradient, tracing) takes the decode path and stays
+bit-identical.
 """
 
 from __future__ import annotations
@@ -26,10 +39,12 @@ from typing import Dict, Tuple, Type
 import torch
 import torch.nn as nn
 
-from ..core.kernels import PackedLayout, decode_packed, packed_layout
+from ..core.backend import resolve_backend
+from ..core.kernels import PackedLayout, decode_packed, matvec_packed, packed_layout
 from ..core.tensors import check_bits, check_qparams
 
-__all__ = ["PACKED_KEY", "PackedWeightMixin", "pack_layer", "packed_class", "is_packed_layer", "packed_bytes"]
+__all__ = ["PACKED_KEY", "PackedWeightMixin", "FusedMixin", "pack_layer", "packed_class", "is_packed_layer",
+           "is_fused_layer", "packed_bytes"]
 
 PACKED_KEY = "weight_packed"
 
@@ -54,12 +69,45 @@ class PackedWeightMixin:
         super().__setattr__(name, value)
 
     def __reduce_ex__(self, protocol):
-        # The packed class is made at run time: pickle (and deepcopy) rebuild it from its base.
-        return _rebuild, (type(self)._mixquant_base,), dict(self.__dict__)
+        # The packed class is made at run time: pickle (and deepcopy) rebuild it from its base and mixin.
+        cls = type(self)
+        return _rebuild, (cls._mixquant_base, cls._mixquant_mixin), dict(self.__dict__)
 
     def extra_repr(self) -> str:
         base = super().extra_repr()
         return f"{base}, packed={self.mixquant_bits} bits" if base else f"packed={self.mixquant_bits} bits"
+
+
+class FusedMixin(PackedWeightMixin):
+    """A packed ``nn.Linear`` whose one-row inputs go through the fused matrix-vector kernel (module docstring)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        k = self.in_features
+        # Tracing first: a traced input's sizes are tensors, and a fused call would leave the graph.
+        if (not torch.jit.is_tracing() and not torch.jit.is_scripting() and not _compiling()
+                and isinstance(input, torch.Tensor) and k > 0 and input.numel() == k and input.dim() >= 1
+                and input.shape[-1] == k and input.dtype == torch.float32 and input.device.type == "cpu"
+                and not (input.requires_grad and torch.is_grad_enabled())
+                and resolve_backend(None) == "native"):
+            buffers = self._buffers
+            packed = buffers[PACKED_KEY]
+            if packed.device.type == "cpu":
+                y = matvec_packed(packed, self.mixquant_bits, self.out_features, k, k, buffers["weight_scale"],
+                                  buffers["weight_zero_point"], input.reshape(1, k).contiguous())
+                if self.bias is not None:
+                    y = y + self.bias
+                return y.view(*input.shape[:-1], self.out_features)
+        return super().forward(input)
+
+
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+
+
+def is_fused_layer(module: nn.Module) -> bool:
+    """True when ``module`` is a packed Linear that takes one-row inputs through the fused kernel."""
+    return isinstance(module, FusedMixin)
 
 
 _CLASSES: Dict[Tuple[type, type], type] = {}
@@ -70,13 +118,14 @@ def packed_class(base: Type[nn.Module], mixin: type = PackedWeightMixin) -> type
     cls = _CLASSES.get((mixin, base))
     if cls is None:
         prefix = "Packed" if mixin is PackedWeightMixin else mixin.__name__.replace("Mixin", "")
-        cls = type(f"{prefix}{base.__name__}", (mixin, base), {"_mixquant_base": base, "__module__": mixin.__module__})
+        cls = type(f"{prefix}{base.__name__}", (mixin, base),
+                   {"_mixquant_base": base, "_mixquant_mixin": mixin, "__module__": mixin.__module__})
         _CLASSES[(mixin, base)] = cls
     return cls
 
 
-def _rebuild(base: type) -> nn.Module:
-    return object.__new__(packed_class(base))
+def _rebuild(base: type, mixin: type = PackedWeightMixin) -> nn.Module:
+    return object.__new__(packed_class(base, mixin))
 
 
 def is_packed_layer(module: nn.Module) -> bool:
@@ -91,8 +140,12 @@ def packed_bytes(module: nn.Module) -> int:
 
 
 def pack_layer(layer: nn.Module, packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
-               bits: int, ch_axis: int, name: str = "layer") -> None:
+               bits: int, ch_axis: int, name: str = "layer", fused: bool = False) -> None:
     """Make ``layer`` a packed layer holding ``packed`` (uint8 codes of its weight's shape at ``bits``).
+
+    With ``fused``, an ``nn.Linear`` that runs ``nn.Linear.forward`` itself (not
+    a subclass with its own) becomes a fused layer (module docstring); any
+    other layer is packed as without it.
 
     The ``weight`` parameter is removed (its memory is freed when nothing else
     holds it). Raises ValueError, leaving ``layer`` unchanged, when the codes,
@@ -130,4 +183,5 @@ def pack_layer(layer: nn.Module, packed: torch.Tensor, scale: torch.Tensor, zero
     layer.mixquant_ch_axis = int(ch_axis)
     layer.mixquant_shape = shape
     layer.mixquant_layout = layout
-    layer.__class__ = packed_class(type(layer))
+    fuse = fused and isinstance(layer, nn.Linear) and type(layer).forward is nn.Linear.forward and ch_axis == 0
+    layer.__class__ = packed_class(type(layer), FusedMixin if fuse else PackedWeightMixin)
