@@ -308,7 +308,10 @@ def test_cache_limit_holds_the_process_peak():
         assert r["extra_peak"] <= 1.1 * r["limit"], r
     r = peaks["refused"]
     assert "max_cache_mb=110" in r["error"] and "unit a needs 118.8 MB" in r["error"], r
-    assert r["extra_peak"] < 0.1 * r["limit"], r
+    # Before, the refused unit's whole input cache (118.8 MB) was gathered first. What remains
+    # (10-21 MB measured) is the quantized copy and the calibration batches, which vary with the
+    # allocator's state: the bound sits well below one cache and above that noise.
+    assert r["extra_peak"] < 0.25 * r["limit"], r
 
 
 # -- the fused step against a straightforward iteration --------------------------------
