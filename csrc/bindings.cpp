@@ -550,6 +550,26 @@ py::array unpack_bits(py::object packed_obj, int64_t bits, int64_t n) {
 
 // Fills `out` (float32, C-contiguous, writable, A*C*R elements) in place, so
 // that callers can decode into memory they own (a torch tensor's storage).
+// The parameter blocks of a packed [rows, cols] layout: checks block (1..cols; 1 for empty rows)
+// and returns rows * ceil(cols / block), an empty row still having its one parameter set.
+int64_t packed_groups(int64_t rows, int64_t cols, int64_t& block, const char* cols_name) {
+  if (cols > 0 && (block < 1 || block > cols))
+    fail("block must be in 1.." + std::string(cols_name) + " = " + std::to_string(cols) + ", got " +
+         std::to_string(block));
+  if (cols == 0) block = 1;
+  return rows * (cols == 0 ? 1 : (cols + block - 1) / block);
+}
+
+// A writable, C-contiguous float32 numpy array that a kernel writes in place (its size is the caller's check).
+py::array float32_out(py::object out_obj) {
+  if (!py::isinstance<py::array>(out_obj)) fail("out must be a float32 numpy array");
+  py::array out = py::reinterpret_borrow<py::array>(out_obj);
+  if (!out.dtype().equal(py::dtype::of<float>())) fail("out must be float32, got " + std::string(py::str(out.dtype())));
+  if (!(out.flags() & py::array::c_style)) fail("out must be C-contiguous");
+  if (!out.writeable()) fail("out must be writable");
+  return out;
+}
+
 void unpack_dequantize(py::object packed_obj, int64_t bits, int64_t outer, int64_t channels,
                        int64_t inner, int64_t block, py::handle scale_obj, py::handle zp_obj,
                        int64_t num_threads, py::object out_obj) {
@@ -562,11 +582,7 @@ void unpack_dequantize(py::object packed_obj, int64_t bits, int64_t outer, int64
   if (__builtin_mul_overflow(outer, channels, &n) || __builtin_mul_overflow(n, inner, &n) ||
       n > (int64_t{1} << 58))
     fail("outer * channels * inner is too large");
-  if (inner > 0 && (block < 1 || block > inner))
-    fail("block must be in 1..inner = " + std::to_string(inner) + ", got " + std::to_string(block));
-  if (inner == 0) block = 1;
-  // An empty row still has its one parameter set.
-  const int64_t groups = channels * (inner == 0 ? 1 : (inner + block - 1) / block);
+  const int64_t groups = packed_groups(channels, inner, block, "inner");
   U8 packed = packed_arg(packed_obj, n, b);
   const int64_t need = mixquant::packed_bytes(n, b);
   F32 scale = as_f32(scale_obj, "scale");
@@ -578,11 +594,7 @@ void unpack_dequantize(py::object packed_obj, int64_t bits, int64_t outer, int64
          " entries, got " + std::to_string(scale.size()) + " and " + std::to_string(z.size()));
   check_scales(scale.data(), groups, "scale");
   const std::vector<int32_t> zp = zero_points(z, std::vector<int>(1, b), groups > 0 ? groups : 1, "zero_point");
-  if (!py::isinstance<py::array>(out_obj)) fail("out must be a float32 numpy array");
-  py::array out = py::reinterpret_borrow<py::array>(out_obj);
-  if (!out.dtype().equal(py::dtype::of<float>())) fail("out must be float32, got " + std::string(py::str(out.dtype())));
-  if (!(out.flags() & py::array::c_style)) fail("out must be C-contiguous");
-  if (!out.writeable()) fail("out must be writable");
+  py::array out = float32_out(out_obj);
   if (out.size() != n) fail("out must have " + std::to_string(n) + " elements, got " + std::to_string(out.size()));
   float* dst = static_cast<float*>(out.mutable_data());
   const auto* lo = reinterpret_cast<const char*>(dst);
@@ -604,10 +616,7 @@ void packed_matvec(py::object packed_obj, int64_t bits, int64_t rows, int64_t co
     fail("rows and cols must be >= 0, got " + std::to_string(rows) + ", " + std::to_string(cols));
   int64_t n = 0;
   if (__builtin_mul_overflow(rows, cols, &n) || n > (int64_t{1} << 58)) fail("rows * cols is too large");
-  if (cols > 0 && (block < 1 || block > cols))
-    fail("block must be in 1..cols = " + std::to_string(cols) + ", got " + std::to_string(block));
-  if (cols == 0) block = 1;
-  const int64_t groups = rows * (cols == 0 ? 1 : (cols + block - 1) / block);
+  const int64_t groups = packed_groups(rows, cols, block, "cols");
   U8 packed = packed_arg(packed_obj, n, b);
   const int64_t need = mixquant::packed_bytes(n, b);
   F32 scale = as_f32(scale_obj, "scale");
@@ -628,11 +637,7 @@ void packed_matvec(py::object packed_obj, int64_t bits, int64_t rows, int64_t co
   if ((x.ndim() != 1 && x.ndim() != 2) || x.shape(x.ndim() - 1) != cols)
     fail("x must be [cols] or [N, cols] with cols = " + std::to_string(cols) + ", got shape " + shape_str(x));
   const int64_t N = x.ndim() == 1 ? 1 : x.shape(0);
-  if (!py::isinstance<py::array>(out_obj)) fail("out must be a float32 numpy array");
-  py::array out = py::reinterpret_borrow<py::array>(out_obj);
-  if (!out.dtype().equal(py::dtype::of<float>())) fail("out must be float32, got " + std::string(py::str(out.dtype())));
-  if (!(out.flags() & py::array::c_style)) fail("out must be C-contiguous");
-  if (!out.writeable()) fail("out must be writable");
+  py::array out = float32_out(out_obj);
   int64_t ny = 0;
   if (__builtin_mul_overflow(N, rows, &ny) || out.size() != ny)
     fail("out must have N * rows = " + std::to_string(N) + " * " + std::to_string(rows) + " elements, got " +
@@ -889,14 +894,11 @@ void widen_16(py::object src_obj, const std::string& kind, py::object out_obj, i
     fail("src must be a uint16 numpy array (the bit patterns)");
   auto src = U16::ensure(src_obj);
   if (!src) fail("src must be a uint16 numpy array");
-  if (!py::isinstance<py::array_t<float>>(out_obj)) fail("out must be a float32 numpy array");
-  auto out = py::reinterpret_borrow<py::array_t<float>>(out_obj);
-  if (!(out.flags() & py::array::c_style) || !out.writeable())
-    fail("out must be a writeable C-contiguous float32 array");
+  py::array out = float32_out(out_obj);
   if (out.size() < src.size())
     fail("out holds " + std::to_string(out.size()) + " floats, src " + std::to_string(src.size()) + " values");
   const int nt = check_threads(num_threads);
-  float* dst = out.mutable_data();
+  float* dst = static_cast<float*>(out.mutable_data());
   py::gil_scoped_release release;
   mixquant::widen_16(src.data(), src.size(), kind == "bfloat16", nt, dst);
 }
