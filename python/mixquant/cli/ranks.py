@@ -26,14 +26,7 @@ def join() -> Workers:
 
 def on_main(w: Workers, fn: Callable[[], T], what: str) -> Optional[T]:
     """Run ``fn`` on rank 0 only and make every rank raise its error, if any; rank 0's result (None elsewhere)."""
-    result, error = None, None
-    if w.is_main:
-        try:
-            result = fn()
-        except Exception as exc:  # noqa: BLE001 - every rank must learn of it (settle re-raises it here)
-            error = exc
-    comm.settle(w, error, what)
-    return result
+    return on_every(w, fn if w.is_main else lambda: None, what)
 
 
 def on_every(w: Workers, fn: Callable[[], T], what: str) -> T:
