@@ -62,7 +62,7 @@ from ..parallel import launch
 from . import adaround
 from .blocks import Unit, build_units
 from .cache import (NoData, UnitData, Unsupported, capture_inputs, capture_targets, check_cache_size,
-                    fisher_labels, probe_unit, rec_loss)
+                    fisher_labels, probe_unit)
 from .common import MethodResult, QuantJob, check_optional_bits, check_type, observe_activations, plan_activations
 from .data_parallel import Shard
 from .lsq import learn_step_sizes
@@ -351,12 +351,7 @@ def make_step(
 
     def step(it: int) -> torch.Tensor:
         idx = torch.randperm(shard.total, generator=generator)[: opts.batch_size].to(device)
-        local = shard.members(idx)
-        rec = None
-        if local.numel():
-            x, y, w = data.batch(local)
-            rec = rec_loss(module(x), y, w, data.channel_dim, of=idx.numel())
-            rec.backward()
+        rec = shard.backward_batch(data, module, idx)
         if shard.distributed:
             state.w.grad, rec = shard.summed([state.w.grad, rec], [state.w, no_loss],
                                              f"AdaRound iteration {it} (summing the gradient)")

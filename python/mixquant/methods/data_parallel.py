@@ -49,7 +49,7 @@ import torch.nn as nn
 from ..parallel import comm
 from ..parallel.shards import block, local_positions
 from ..parallel.workers import SINGLE, Workers
-from .cache import NoData, UnitData, Unsupported, eval_loss
+from .cache import NoData, UnitData, Unsupported, eval_loss, rec_loss
 
 __all__ = ["Shard"]
 
@@ -99,6 +99,18 @@ class Shard:
         if not self.distributed:
             return idx
         return local_positions(idx, self.start, self.stop)
+
+    def backward_batch(self, data: UnitData, forward: Callable[[torch.Tensor], torch.Tensor], idx: torch.Tensor
+                       ) -> Optional[torch.Tensor]:
+        """This rank's part of the global batch ``idx``: its loss (divided by the *global* count, so
+        the ranks' sums add up to the batch mean) after ``backward``; None when it holds no member."""
+        local = self.members(idx)
+        if not local.numel():
+            return None
+        x, y, w = data.batch(local)
+        loss = rec_loss(forward(x), y, w, data.channel_dim, of=idx.numel())
+        loss.backward()
+        return loss
 
     def summed(self, parts: Sequence[Optional[torch.Tensor]], like: Sequence[torch.Tensor], what: str
                ) -> List[torch.Tensor]:

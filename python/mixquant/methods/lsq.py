@@ -18,7 +18,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..nn import qmodules
-from .cache import UnitData, rec_loss
+from .cache import UnitData
 from .data_parallel import Shard
 
 __all__ = ["learn_step_sizes"]
@@ -75,13 +75,8 @@ def learn_step_sizes(
     try:
         for it in range(iters):
             idx = torch.randperm(shard.total, generator=generator)[:batch_size].to(data.x.device)
-            local = shard.members(idx)
             opt.zero_grad(set_to_none=True)
-            loss = None
-            if local.numel():
-                x, y, w = data.batch(local)
-                loss = rec_loss(unit(x), y, w, data.channel_dim, of=idx.numel())
-                loss.backward()
+            loss = shard.backward_batch(data, unit, idx)
             if shard.distributed:
                 *grads, loss = shard.summed([p.grad for p in params] + [loss], params + [no_loss],
                                             f"{desc}: step-size iteration {it} (summing the gradient)")
