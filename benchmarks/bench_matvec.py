@@ -25,9 +25,7 @@ import argparse
 import json
 import math
 import os
-import statistics
 import sys
-import time
 
 import numpy as np
 import torch
@@ -35,18 +33,8 @@ import torch
 SHAPES = [(576, 576), (1536, 576), (576, 1536), (4096, 4096), (11008, 4096)]
 
 
-def _load() -> str:
-    return "load average %.2f %.2f %.2f" % os.getloadavg()
-
-
-def _median(fn, repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_runtime import _load, _median_time as _median  # noqa: E402  (the sibling script's timers)
 
 
 def bench_stream(mib: int, threads: int, repeat: int) -> dict:
